@@ -110,9 +110,14 @@ class Tokenizer:
         if self._template is None:
             raise TokenizerError("this model has no chat template (tokenizer_config.json has no "
                                  "`chat_template`); pass plain text prompts instead")
-        return self._template.render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **template_kwargs)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self._template.render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **template_kwargs)
+        except TemplateError as exc:  # incl. the template's own raise_exception("...")
+            raise TokenizerError(f"the chat template refused these messages: {exc}") from exc
 
     def encode_chat(self, messages: Sequence[dict[str, Any]],
                     add_generation_prompt: bool = True) -> list[int]:
@@ -134,10 +139,6 @@ class IncrementalDecoder:
     O(1) per token. `text` is everything emitted so far, for stop-string checks.
     """
 
-    # Pending ids beyond this many while the text still ends in U+FFFD: emit the longest prefix
-    # that decodes cleanly, so stop strings are not held back by a long run of odd bytes.
-    MAX_PENDING = 4
-
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
@@ -153,14 +154,9 @@ class IncrementalDecoder:
     def push(self, token_id: int) -> str:
         """Append one id; return the newly complete text (possibly "")."""
         self._ids.append(int(token_id))
-        end = len(self._ids)
-        piece = self._emit_until(end)
-        if piece is None and end - self._read > self.MAX_PENDING:
-            for k in range(end - 1, self._read, -1):
-                piece = self._emit_until(k)
-                if piece is not None:
-                    break
-        return piece or ""
+        # Held-back ids are released as soon as the text ends in a whole character again: an
+        # invalid byte in the middle decodes to U+FFFD there, exactly as in the full decode.
+        return self._emit_until(len(self._ids)) or ""
 
     def flush(self) -> str:
         """Emit whatever is pending (an incomplete character decodes to U+FFFD, as in full decode)."""
