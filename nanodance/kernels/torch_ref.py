@@ -6,12 +6,18 @@ Shapes (Hq query heads, Hkv key/value heads, D head_dim, T query tokens):
     k_cache  [num_blocks, block_size, Hkv, D]   (v_cache alike)
     inv_freq fp32 [D/2]   the model's rope inverse frequencies (scaling already applied)
 See `nanodance.attention_metadata` for the metadata contract.
+
+Diff kernels (the KV collector and the `pic` baseline), N tokens addressed by flat pool slot
+(slot = block * block_size + offset):
+    key_deviation  k_fresh [N, Hkv, D], src_slots int64 [N], delta int32 [N] -> fp32 [N]
+    rotate_copy    src_slots / dst_slots int64 [N], delta int32 [N]; in place on the caches
+    per_block_sum  fp32 [N] per-token values, int64 [N] block index -> fp32 [num_blocks]
 """
 from __future__ import annotations
 
 import torch
 
-from nanodance.attention_metadata import AttentionMetadata
+from nanodance.attention_metadata import PAD_POS, AttentionMetadata
 
 
 def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,21 +48,27 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     """Attention of each query over its sequence's views, causal by position. Returns [T, Hq, D].
 
     Keys of views with a non-zero delta are rotated forward by the delta (in fp32, then back to
-    the cache dtype of the computation) which is the same as rotating the query by -delta.
+    the dtype of the computation) which is the same as rotating the query by -delta.
+    A query that sees no key at all gets a zero output row (the Triton kernel does the same).
     """
     T, Hq, D = q.shape
     B = meta.num_seqs
     g = meta.kv_gather()
     Hkv = k_cache.shape[2]
+    valid = g.pos != PAD_POS  # [B, L]; padding gathers slot 0, whose contents may be garbage
     k = k_cache.view(-1, Hkv, D)[g.slots]  # [B, L, Hkv, D]
     v = v_cache.view(-1, Hkv, D)[g.slots]
+    # Zero the padding keys/values: NaN garbage there would leak through the masked softmax
+    # (NaN * 0 = NaN in the P @ V product).
+    k = torch.where(valid[:, :, None, None], k, torch.zeros((), dtype=k.dtype, device=k.device))
+    v = torch.where(valid[:, :, None, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
     if g.any_delta:
         cos, sin = rope_cos_sin(g.delta, inv_freq)  # [B, L, D]
         k = rotate(k.float(), cos[:, :, None], sin[:, :, None]).to(q.dtype)
     # Pad the ragged queries into [B, Qmax].
     cu = meta.cu_seqlens_q.long()
     counts = cu[1:] - cu[:-1]
-    Q = meta.max_seqlen_q
+    Q = max(meta.max_seqlen_q, 1)
     row = torch.arange(T, device=q.device) - torch.repeat_interleave(cu[:-1], counts, output_size=T)
     seq = torch.repeat_interleave(torch.arange(B, device=q.device), counts, output_size=T)
     qp = q.new_zeros(B, Q, Hq, D)
@@ -64,9 +76,56 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     qpos = torch.full((B, Q), -1, dtype=torch.long, device=q.device)
     qpos[seq, row] = meta.q_pos.long()
     mask = g.pos.long()[:, None, :] <= qpos[:, :, None]  # [B, Q, L]
-    # Padding query rows would see no key at all (softmax of nothing is NaN): let them see all.
-    mask = mask | (qpos[:, :, None] < 0)
+    # Rows that see no key (padding rows, or a query before every key) would be NaN (softmax of
+    # nothing): let them see everything, then zero them below.
+    sees_nothing = ~mask.any(dim=-1, keepdim=True)  # [B, Q, 1]
+    mask = mask | sees_nothing
     out = torch.nn.functional.scaled_dot_product_attention(
         qp.transpose(1, 2), k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2),
         attn_mask=mask[:, None], scale=scale, enable_gqa=(Hq != Hkv))  # [B, Hq, Q, D]
-    return out.transpose(1, 2)[seq, row]
+    out = out.transpose(1, 2).masked_fill(sees_nothing[..., None], 0.0)  # [B, Q, Hq, D]
+    return out[seq, row]
+
+
+def key_deviation_torch(k_fresh: torch.Tensor, k_cache: torch.Tensor, src_slots: torch.Tensor,
+                        delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Per-token squared distance between fresh keys and reused cached keys. Returns fp32 [N].
+
+    k_fresh [N, Hkv, D] was computed at the token's new position; the cached key at
+    `src_slots[i]` was rotated at position (new position - delta[i]), so it is first rotated
+    forward by delta[i] in fp32 to compare both in the same frame. A slot of -1 gives 0.
+    """
+    N, Hkv, D = k_fresh.shape
+    valid = src_slots >= 0
+    cached = k_cache.view(-1, Hkv, D)[src_slots.clamp(min=0).long()].float()  # [N, Hkv, D]
+    cos, sin = rope_cos_sin(delta, inv_freq)  # [N, D]
+    reused = rotate(cached, cos[:, None], sin[:, None])
+    dev = (k_fresh.float() - reused).square().sum(dim=(1, 2))
+    return torch.where(valid, dev, torch.zeros_like(dev))
+
+
+def rotate_copy_torch(k_cache: torch.Tensor, v_cache: torch.Tensor, src_slots: torch.Tensor,
+                      dst_slots: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> None:
+    """Copy K (rotated forward by delta in fp32, rounded once) and V from src to dst slots, in place.
+
+    The `pic` baseline's dense re-positioned copy. Rows with src or dst -1 are skipped. The dst
+    slots must not overlap the src slots of other rows (the Triton kernel copies in parallel).
+    """
+    Hkv, D = k_cache.shape[2], k_cache.shape[3]
+    keep = (src_slots >= 0) & (dst_slots >= 0)
+    src, dst = src_slots[keep].long(), dst_slots[keep].long()
+    kf, vf = k_cache.view(-1, Hkv, D), v_cache.view(-1, Hkv, D)
+    cos, sin = rope_cos_sin(delta[keep], inv_freq)  # [n, D]
+    k = rotate(kf[src].float(), cos[:, None], sin[:, None]).to(k_cache.dtype)
+    v = vf[src]  # gathered before any write: read-all-then-write semantics
+    kf[dst] = k
+    vf[dst] = v
+
+
+def per_block_sum(per_token: torch.Tensor, block_index: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Sum per-token values into per-block totals: fp32 [N], int64 [N] in [0, num_blocks) -> fp32 [num_blocks].
+
+    The collector's unit of recompute is a block, so it ranks blocks by summed key deviation.
+    """
+    out = torch.zeros(num_blocks, dtype=torch.float32, device=per_token.device)
+    return out.index_add_(0, block_index.long(), per_token.float())

@@ -1,0 +1,337 @@
+"""Triton paged attention over block views: one kernel for prefill, extend and decode, plus a
+split-K variant for long decodes and the merge kernel that combines its partial results.
+
+Owns `paged_attention_triton` (same signature as `torch_ref.paged_attention_torch`, plus
+keyword-only test/tuning knobs) and `plan_attention`, the launch heuristic.
+
+Shapes (T query tokens, B sequences, Hq = GROUP * Hkv heads, D head_dim, P block size):
+    q        [T, Hq, D]          queries, already rotated at their own positions (any strides)
+    k_cache  [num_blocks, P, Hkv, D]   v_cache alike (any strides)
+    out      [T, Hq, D]          q.dtype
+    split-K scratch: partial fp32 [T, Hq, S, D] (normalized per split), lse fp32 [T, Hq, S]
+    (log2 domain). Metadata: `nanodance.attention_metadata.AttentionMetadata`.
+
+How one program works (grid: q tiles x Hkv heads x splits):
+  * M tile = BLOCK_Q query tokens x GROUP_PAD heads of one KV head (GQA packing), so each K/V
+    tile is loaded once for all query heads that share it. Row m is token m // GROUP_PAD, head
+    m % GROUP_PAD; padded heads and tokens past the sequence are masked.
+  * N tile = VIEWS_PER_TILE consecutive views of the sequence, each contributing its block's
+    P slots; slots outside [lo, hi) are masked (their memory may hold anything, even NaN).
+  * Causal by position: key position pos0 + slot - lo <= query position.
+  * RoPE deltas: a tile whose views share one delta d != 0 rotates the query tile by -d in
+    fp32 (scores (R(-d) q) . k equal q . (R(d) k)); the common d = 0 tile does no extra work.
+    A tile that straddles views with different deltas (only at segment edges) rotates each key
+    forward by its own delta instead, in fp32: same scores, one more rounding of K.
+  * Online softmax in fp32 with exp2 (scale folded into log2 units); a row that sees no key
+    keeps l = 0 and is written as zeros, never NaN.
+The head dim is processed as two halves (see triton_common) so rotations are elementwise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from nanodance.attention_metadata import AttentionMetadata
+from nanodance.kernels.triton_common import (check_launchable, compute_dtype, dot_precision, is_interpreted,
+                                             next_pow2, rope_rotate)
+
+FAR_POS: tl.constexpr = tl.constexpr(2**30)  # a key position past every query (masked keys)
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    cu_ptr, qpos_ptr, views_ptr, nviews_ptr, inv_freq_ptr,
+    num_seqs, scale_log2, views_per_split,
+    stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ot, stride_oh, stride_os, stride_od,
+    stride_lt, stride_lh, stride_ls,
+    stride_wb, stride_wv,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    PAGE: tl.constexpr, VIEWS_PER_TILE: tl.constexpr,
+    BLOCK_B: tl.constexpr, TILE_PAD: tl.constexpr, DIRECT: tl.constexpr,
+    SPLIT: tl.constexpr, CAUSAL_SKIP: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # The body is written inline, without jit helpers in the loop: each helper call costs ~2 ms
+    # under the interpreter, and the tests run this kernel there.
+    BLOCK_N: tl.constexpr = VIEWS_PER_TILE * PAGE
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # --- which sequence owns this q tile. Sequence b's tiles start at cu[b] // BLOCK_Q + b *
+    # TILE_PAD: an upper bound on the tiles before it, so the host needs no sync to count them.
+    if DIRECT:  # pure decode, one token per sequence: tile == token == sequence
+        seq = tile
+    else:
+        b = tl.arange(0, BLOCK_B)
+        cu_b = tl.load(cu_ptr + b, mask=b < num_seqs, other=0)
+        starts = cu_b // BLOCK_Q + b * TILE_PAD
+        seq = tl.sum(((starts <= tile) & (b < num_seqs)).to(tl.int32), axis=0) - 1
+    q_begin = tl.load(cu_ptr + seq)
+    q_end = tl.load(cu_ptr + seq + 1)
+    first = q_begin + (tile - (q_begin // BLOCK_Q + seq * TILE_PAD)) * BLOCK_Q
+    if first >= q_end:  # a spare tile of the upper-bound grid
+        return
+
+    # --- the M tile: BLOCK_Q tokens x GROUP_PAD heads of KV head `kvh`
+    m = tl.arange(0, BLOCK_M)
+    tok = first + m // GROUP_PAD
+    hh = m % GROUP_PAD
+    row_ok = (tok < q_end) & (hh < GROUP)
+    head = kvh * GROUP + hh
+    j = tl.arange(0, HALF_PAD)
+    jmask = j < HALF
+    q_off = tok.to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + j[None, :] * stride_qd
+    q_mask = row_ok[:, None] & jmask[None, :]
+    # bf16 loads are raw integers in the interpreter: convert to fp32 right after every load.
+    q1 = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
+    q2 = tl.load(q_ptr + q_off + HALF * stride_qd, mask=q_mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
+    qpos = tl.load(qpos_ptr + tok, mask=row_ok, other=-1)  # -1: masked rows see no key
+    inv_freq = tl.load(inv_freq_ptr + j, mask=jmask, other=0.0)[None, :]
+
+    num_views = tl.load(nviews_ptr + seq)
+    if SPLIT:
+        v_begin = split * views_per_split
+        v_end = tl.minimum(num_views, v_begin + views_per_split)
+    else:
+        v_begin = 0
+        v_end = num_views
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    slot = n % PAGE
+    q_last = tl.max(qpos, axis=0)
+    # Every column reads its own view's row; the VIEWS_PER_TILE distinct rows come from cache.
+    seq_views = views_ptr + seq.to(tl.int64) * stride_wb
+    col_view = seq_views + (n // PAGE) * stride_wv
+
+    for v0 in range(v_begin, v_end, VIEWS_PER_TILE):
+        w = col_view + v0 * stride_wv
+        vok = v0 + n // PAGE < v_end
+        blk = tl.load(w, mask=vok, other=0)
+        lo = tl.load(w + 1, mask=vok, other=0)
+        hi = tl.load(w + 2, mask=vok, other=0)
+        pos0 = tl.load(w + 3, mask=vok, other=0)
+        dl = tl.load(w + 4, mask=vok, other=0)
+        kok = vok & (slot >= lo) & (slot < hi)
+        kpos = pos0 + slot - lo
+        if CAUSAL_SKIP:
+            # Prefill tiles: skip K/V tiles wholly in every query's future (about half of them
+            # in a long causal prefill). Views need not be sorted by position.
+            live = tl.min(tl.where(kok, kpos, FAR_POS), axis=0) <= q_last
+        else:
+            live = True
+        if live:
+            # Cache offsets in int64: num_blocks * P * Hkv * D can pass 2**31 elements.
+            k_row = blk.to(tl.int64) * stride_kb + slot * stride_ks + kvh * stride_kh
+            v_row = blk.to(tl.int64) * stride_vb + slot * stride_vs + kvh * stride_vh
+            kv_mask = kok[:, None] & jmask[None, :]
+            k_off = k_row[:, None] + j[None, :] * stride_kd
+            v_off = v_row[:, None] + j[None, :] * stride_vd
+            k1 = tl.load(k_ptr + k_off, mask=kv_mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
+            k2 = tl.load(k_ptr + k_off + HALF * stride_kd, mask=kv_mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
+            v1 = tl.load(v_ptr + v_off, mask=kv_mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
+            v2 = tl.load(v_ptr + v_off + HALF * stride_vd, mask=kv_mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
+
+            d0 = tl.load(seq_views + v0 * stride_wv + 4)  # the tile's first view always exists
+            n_other = tl.sum((vok & (dl != d0)).to(tl.int32), axis=0)
+            qa = q1
+            qb = q2
+            if n_other != 0:
+                # Views with different deltas share this tile (a segment edge): rotate each key
+                # forward by its own delta instead of the query.
+                r1, r2 = rope_rotate(k1, k2, dl.to(tl.float32)[:, None] * inv_freq)
+                k1 = r1.to(DOT_DTYPE)
+                k2 = r2.to(DOT_DTYPE)
+            elif d0 != 0:
+                # One delta d for the tile: rotate the query tile by -d (the M tile is shared by
+                # all keys of the tile, and K is used exactly as stored).
+                r1, r2 = rope_rotate(q1, q2, -d0.to(tl.float32) * inv_freq)
+                qa = r1.to(DOT_DTYPE)
+                qb = r2.to(DOT_DTYPE)
+            s = tl.dot(qa, tl.trans(k1), input_precision=DOT_PREC)
+            s = tl.dot(qb, tl.trans(k2), acc=s, input_precision=DOT_PREC)  # [M, N] fp32
+
+            visible = kok[None, :] & (kpos[None, :] <= qpos[:, None])
+            s = tl.where(visible, s * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row with nothing visible yet has m_new = -inf: subtract 0 so exp2 gives 0, not NaN.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p = p.to(DOT_DTYPE)
+            acc1 = tl.dot(p, v1, acc=acc1 * alpha[:, None], input_precision=DOT_PREC)
+            acc2 = tl.dot(p, v2, acc=acc2 * alpha[:, None], input_precision=DOT_PREC)
+            m_i = m_new
+
+    # Rows that saw nothing have acc = 0 and l = 0: divide by 1 to write zeros.
+    l_div = tl.where(l_i == 0.0, 1.0, l_i)
+    o1 = acc1 / l_div[:, None]
+    o2 = acc2 / l_div[:, None]
+    o_off = tok.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + j[None, :] * stride_od
+    if SPLIT:
+        o_off += split * stride_os
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_div))  # log2 units
+        tl.store(lse_ptr + tok.to(tl.int64) * stride_lt + head * stride_lh + split * stride_ls, lse, mask=row_ok)
+    tl.store(out_ptr + o_off, o1.to(out_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(out_ptr + o_off + HALF * stride_od, o2.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, num_splits,
+                         stride_pt, stride_ph, stride_ps, stride_pd,
+                         stride_lt, stride_lh, stride_ls,
+                         stride_ot, stride_oh, stride_od,
+                         D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr):
+    """out[t, h] = sum_s w_s * part[t, h, s] / sum_s w_s with w_s = 2 ** (lse_s - max lse)."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    s = tl.arange(0, S_PAD)
+    d = tl.arange(0, D_PAD)
+    s_ok = s < num_splits
+    lse = tl.load(lse_ptr + t * stride_lt + h * stride_lh + s * stride_ls, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # empty splits (lse = -inf) weigh 0
+    part = tl.load(part_ptr + t * stride_pt + h * stride_ph + s[:, None] * stride_ps + d[None, :] * stride_pd,
+                   mask=s_ok[:, None] & (d[None, :] < D), other=0.0)
+    den = tl.sum(w, axis=0)
+    o = tl.sum(w[:, None] * part, axis=0) / tl.where(den == 0.0, 1.0, den)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + d * stride_od, o.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Launch shape chosen by `plan_attention`."""
+
+    block_q: int  # query tokens per M tile
+    block_m: int  # rows per M tile = block_q * group_pad (>= 16: tl.dot's minimum on GPUs)
+    views_per_tile: int  # views per N tile (N = views_per_tile * block_size)
+    num_splits: int  # split-K factor over each sequence's views (1 = no split)
+    num_warps: int
+    num_stages: int
+
+
+MIN_TOKENS_PER_SPLIT = 512  # below this a split's fixed cost (merge, scratch) is not repaid
+MAX_SPLITS = 32
+TILE_KEYS = 64  # keys per N tile when the block size is smaller
+
+
+def plan_attention(num_tokens: int, num_seqs: int, max_seqlen_q: int, max_views: int, block_size: int,
+                   group: int, num_kv_heads: int, num_sms: int, num_splits: int | None = None) -> AttentionPlan:
+    """Choose tiles and split-K for one launch, from host-side ints only (no device sync).
+
+    Split-K pays in decode with few sequences and long context: B * Hkv programs cannot fill the
+    GPU, so each sequence's views are cut into splits that run in parallel and are merged.
+    """
+    group_pad = next_pow2(group)
+    views_per_tile = max(1, TILE_KEYS // block_size)
+    decode = max_seqlen_q <= 1
+    if decode:
+        block_q = 1
+        block_m = max(16, group_pad)
+    else:
+        block_m = 128 if max_seqlen_q * group_pad >= 128 else 64
+        block_m = max(block_m, group_pad)
+        block_q = block_m // group_pad
+    if num_splits is None:
+        num_splits = 1
+        context = max_views * block_size
+        programs = max(num_seqs, 1) * num_kv_heads
+        target = 2 * num_sms  # about two waves of programs
+        if decode and programs < target and context >= 2 * MIN_TOKENS_PER_SPLIT:
+            num_splits = min(triton.cdiv(target, programs), context // MIN_TOKENS_PER_SPLIT, MAX_SPLITS)
+    num_splits = max(1, min(num_splits, max(max_views, 1)))
+    num_warps = 8 if block_m >= 128 else 4
+    return AttentionPlan(block_q, block_m, views_per_tile, num_splits, num_warps, num_stages=2)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreted runs: any small number; tests pass num_splits explicitly
+
+
+def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMetadata, inv_freq: torch.Tensor, scale: float, *,
+                           num_splits: int | None = None, out: torch.Tensor | None = None,
+                           poison_scratch: bool = False) -> torch.Tensor:
+    """Triton twin of `paged_attention_torch`. Returns [T, Hq, D] in q.dtype.
+
+    Keyword-only extras: `num_splits` forces the split-K factor (None = heuristic), `out` is
+    written in place (tests pre-fill it with NaN), `poison_scratch` NaN-fills split-K scratch.
+    """
+    T, Hq, D = q.shape
+    _, page, Hkv, Dk = k_cache.shape
+    if Dk != D or D % 2 or Hq % Hkv or page != meta.block_size:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, "
+                         f"block_size {meta.block_size}")
+    check_launchable(_attention_kernel, q, k_cache, v_cache)
+    if out is None:
+        out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
+    B = meta.num_seqs
+    if T == 0 or B == 0:
+        return out
+    interpreted = is_interpreted(_attention_kernel)
+    group = Hq // Hkv
+    views = meta.views.to(torch.int32).contiguous()
+    max_views = min(max(meta.max_views, 1), views.shape[1])
+    plan = plan_attention(T, B, meta.max_seqlen_q, max_views, page, group, Hkv, _num_sms(q.device), num_splits)
+    direct = meta.max_seqlen_q <= 1 and T == B  # every sequence has exactly one query token
+    tile_pad = 0 if plan.block_q == 1 else 1
+    num_tiles = T // plan.block_q + B * tile_pad
+    dot_dtype = compute_dtype(q.dtype, interpreted)
+    half = D // 2
+    cu = meta.cu_seqlens_q.to(torch.int32).contiguous()
+    q_pos = meta.q_pos.to(torch.int32).contiguous()
+    num_views = meta.num_views.to(torch.int32).contiguous()
+    inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
+
+    S = plan.num_splits
+    if S > 1:
+        views_per_split = triton.cdiv(triton.cdiv(max_views, S), plan.views_per_tile) * plan.views_per_tile
+        S = triton.cdiv(max_views, views_per_split)  # drop splits that would always be empty
+    if S > 1:
+        fill = torch.full if poison_scratch else (lambda shape, _v, **kw: torch.empty(shape, **kw))
+        part = fill((T, Hq, S, D), float("nan"), dtype=torch.float32, device=q.device)
+        lse = fill((T, Hq, S), float("nan"), dtype=torch.float32, device=q.device)
+        target, o_strides, l_strides = part, part.stride(), lse.stride()
+    else:
+        views_per_split = max_views
+        target, lse = out, out  # lse unused without split
+        o_strides = (out.stride(0), out.stride(1), 0, out.stride(2))
+        l_strides = (0, 0, 0)
+
+    grid = (num_tiles, Hkv, S)
+    _attention_kernel[grid](
+        q, k_cache, v_cache, target, lse,
+        cu, q_pos, views, num_views, inv_freq,
+        B, scale * math.log2(math.e), views_per_split,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        *o_strides, *l_strides,
+        views.stride(0), views.stride(1),
+        HALF=half, HALF_PAD=next_pow2(half), GROUP=group, GROUP_PAD=next_pow2(group),
+        BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, PAGE=page, VIEWS_PER_TILE=plan.views_per_tile,
+        BLOCK_B=max(16, next_pow2(B)), TILE_PAD=tile_pad, DIRECT=direct,
+        SPLIT=S > 1, CAUSAL_SKIP=meta.max_seqlen_q > 1,
+        DOT_DTYPE=dot_dtype, DOT_PREC=dot_precision(dot_dtype),
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+    if S > 1:
+        _merge_splits_kernel[(T, Hq)](
+            part, lse, out, S, *part.stride(), *lse.stride(), *out.stride(),
+            D=D, D_PAD=next_pow2(D), S_PAD=next_pow2(S), num_warps=4)
+    return out
