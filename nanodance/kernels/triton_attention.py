@@ -20,8 +20,8 @@ How one program works (grid: q tiles x Hkv heads x splits):
   * Causal by position: key position pos0 + slot - lo <= query position.
   * RoPE deltas: a tile whose views share one delta d != 0 rotates the query tile by -d in
     fp32 (scores (R(-d) q) . k equal q . (R(d) k)); the common d = 0 tile does no extra work.
-    A tile that straddles views with different deltas (only at segment edges) rotates each key
-    forward by its own delta instead, in fp32: same scores, one more rounding of K.
+    A tile that straddles views with different deltas (only at segment edges) is scored once
+    per view with the query rotated by that view's delta. K is always used exactly as stored.
   * Online softmax in fp32 with exp2 (scale folded into log2 units); a row that sees no key
     keeps l = 0 and is written as zeros, never NaN.
 The head dim is processed as two halves (see triton_common) so rotations are elementwise.
@@ -58,7 +58,7 @@ def _attention_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     PAGE: tl.constexpr, VIEWS_PER_TILE: tl.constexpr,
     BLOCK_B: tl.constexpr, TILE_PAD: tl.constexpr, DIRECT: tl.constexpr,
-    SPLIT: tl.constexpr, CAUSAL_SKIP: tl.constexpr,
+    SPLIT: tl.constexpr, CAUSAL_SKIP: tl.constexpr, ROTATE_KEYS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # The body is written inline, without jit helpers in the loop: each helper call costs ~2 ms
@@ -118,7 +118,20 @@ def _attention_kernel(
     seq_views = views_ptr + seq.to(tl.int64) * stride_wb
     col_view = seq_views + (n // PAGE) * stride_wv
 
-    for v0 in range(v_begin, v_end, VIEWS_PER_TILE):
+    v_stop = v_end
+    if CAUSAL_SKIP:
+        # Prefill: views past the last one that starts at or before the tile's last query are
+        # wholly in its future (about half of them in a causal prefill): stop the loop there.
+        # A scan, not a search, so views need not be sorted by position; and a loop bound,
+        # not a branch in the loop, so the K/V loads below stay software-pipelined on GPUs.
+        last = num_views * 0 - 1
+        for c0 in range(v_begin, v_end, BLOCK_N):
+            idx = c0 + n
+            first_pos = tl.load(seq_views + idx * stride_wv + 3, mask=idx < v_end, other=FAR_POS)
+            last = tl.maximum(last, tl.max(tl.where(first_pos <= q_last, idx, -1), axis=0))
+        v_stop = last + 1
+
+    for v0 in range(v_begin, v_stop, VIEWS_PER_TILE):
         w = col_view + v0 * stride_wv
         vok = v0 + n // PAGE < v_end
         blk = tl.load(w, mask=vok, other=0)
@@ -128,55 +141,71 @@ def _attention_kernel(
         dl = tl.load(w + 4, mask=vok, other=0)
         kok = vok & (slot >= lo) & (slot < hi)
         kpos = pos0 + slot - lo
-        if CAUSAL_SKIP:
-            # Prefill tiles: skip K/V tiles wholly in every query's future (about half of them
-            # in a long causal prefill). Views need not be sorted by position.
-            live = tl.min(tl.where(kok, kpos, FAR_POS), axis=0) <= q_last
-        else:
-            live = True
-        if live:
-            # Cache offsets in int64: num_blocks * P * Hkv * D can pass 2**31 elements.
-            k_row = blk.to(tl.int64) * stride_kb + slot * stride_ks + kvh * stride_kh
-            v_row = blk.to(tl.int64) * stride_vb + slot * stride_vs + kvh * stride_vh
-            kv_mask = kok[:, None] & jmask[None, :]
-            k_off = k_row[:, None] + j[None, :] * stride_kd
-            v_off = v_row[:, None] + j[None, :] * stride_vd
-            k1 = tl.load(k_ptr + k_off, mask=kv_mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
-            k2 = tl.load(k_ptr + k_off + HALF * stride_kd, mask=kv_mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
-            v1 = tl.load(v_ptr + v_off, mask=kv_mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
-            v2 = tl.load(v_ptr + v_off + HALF * stride_vd, mask=kv_mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
+        # Cache offsets in int64: num_blocks * P * Hkv * D can pass 2**31 elements.
+        k_row = blk.to(tl.int64) * stride_kb + slot * stride_ks + kvh * stride_kh
+        v_row = blk.to(tl.int64) * stride_vb + slot * stride_vs + kvh * stride_vh
+        kv_mask = kok[:, None] & jmask[None, :]
+        k_off = k_row[:, None] + j[None, :] * stride_kd
+        v_off = v_row[:, None] + j[None, :] * stride_vd
+        k1 = tl.load(k_ptr + k_off, mask=kv_mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
+        k2 = tl.load(k_ptr + k_off + HALF * stride_kd, mask=kv_mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
+        v1 = tl.load(v_ptr + v_off, mask=kv_mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
+        v2 = tl.load(v_ptr + v_off + HALF * stride_vd, mask=kv_mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
 
-            d0 = tl.load(seq_views + v0 * stride_wv + 4)  # the tile's first view always exists
-            n_other = tl.sum((vok & (dl != d0)).to(tl.int32), axis=0)
+        # RoPE deltas. Scores (R(-d) q) . k equal q . (R(d) k): rotate whichever tile is
+        # smaller, in fp32, once per tile. Delta 0, the common case, costs one branch.
+        # (Names differ between sibling branches where shapes do: compiled Triton merges
+        # same-named values of sibling branches.)
+        d0 = tl.load(seq_views + v0 * stride_wv + 4)  # the tile's first view always exists
+        mixed = tl.sum((vok & (dl != d0)).to(tl.int32), axis=0) != 0
+        if ROTATE_KEYS:
+            # Prefill (M > N): rotate each key forward by its view's delta; a tile that
+            # straddles views with different deltas needs no special case.
+            if mixed:
+                kr1, kr2 = rope_rotate(k1, k2, dl.to(tl.float32)[:, None] * inv_freq)
+                s = tl.dot(q1, tl.trans(kr1.to(DOT_DTYPE)), input_precision=DOT_PREC)
+                s = tl.dot(q2, tl.trans(kr2.to(DOT_DTYPE)), acc=s, input_precision=DOT_PREC)
+            elif d0 != 0:
+                kr1, kr2 = rope_rotate(k1, k2, d0.to(tl.float32) * inv_freq)  # one angle per dim
+                s = tl.dot(q1, tl.trans(kr1.to(DOT_DTYPE)), input_precision=DOT_PREC)
+                s = tl.dot(q2, tl.trans(kr2.to(DOT_DTYPE)), acc=s, input_precision=DOT_PREC)
+            else:
+                s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
+                s = tl.dot(q2, tl.trans(k2), acc=s, input_precision=DOT_PREC)
+        else:
+            # Decode (M <= N): rotate the query tile by -delta; K is used exactly as stored
+            # (and stays in shared memory as a dot operand on GPUs).
             qa = q1
             qb = q2
-            if n_other != 0:
-                # Views with different deltas share this tile (a segment edge): rotate each key
-                # forward by its own delta instead of the query.
-                r1, r2 = rope_rotate(k1, k2, dl.to(tl.float32)[:, None] * inv_freq)
-                k1 = r1.to(DOT_DTYPE)
-                k2 = r2.to(DOT_DTYPE)
-            elif d0 != 0:
-                # One delta d for the tile: rotate the query tile by -d (the M tile is shared by
-                # all keys of the tile, and K is used exactly as stored).
-                r1, r2 = rope_rotate(q1, q2, -d0.to(tl.float32) * inv_freq)
-                qa = r1.to(DOT_DTYPE)
-                qb = r2.to(DOT_DTYPE)
+            if d0 != 0:
+                qr1, qr2 = rope_rotate(q1, q2, -d0.to(tl.float32) * inv_freq)
+                qa = qr1.to(DOT_DTYPE)
+                qb = qr2.to(DOT_DTYPE)
             s = tl.dot(qa, tl.trans(k1), input_precision=DOT_PREC)
             s = tl.dot(qb, tl.trans(k2), acc=s, input_precision=DOT_PREC)  # [M, N] fp32
+            if mixed:
+                # Rare: the tile straddles views with other deltas (a segment edge). Score it
+                # once per view, with the query rotated by that view's delta, and keep each
+                # view's columns.
+                for t in tl.static_range(1, VIEWS_PER_TILE):
+                    d_t = tl.load(seq_views + (v0 + t) * stride_wv + 4, mask=v0 + t < v_end, other=0)
+                    qt1, qt2 = rope_rotate(q1, q2, -d_t.to(tl.float32) * inv_freq)
+                    s_t = tl.dot(qt1.to(DOT_DTYPE), tl.trans(k1), input_precision=DOT_PREC)
+                    s_t = tl.dot(qt2.to(DOT_DTYPE), tl.trans(k2), acc=s_t, input_precision=DOT_PREC)
+                    s = tl.where((n // PAGE == t)[None, :], s_t, s)
 
-            visible = kok[None, :] & (kpos[None, :] <= qpos[:, None])
-            s = tl.where(visible, s * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            # A row with nothing visible yet has m_new = -inf: subtract 0 so exp2 gives 0, not NaN.
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            p = p.to(DOT_DTYPE)
-            acc1 = tl.dot(p, v1, acc=acc1 * alpha[:, None], input_precision=DOT_PREC)
-            acc2 = tl.dot(p, v2, acc=acc2 * alpha[:, None], input_precision=DOT_PREC)
-            m_i = m_new
+        visible = kok[None, :] & (kpos[None, :] <= qpos[:, None])
+        s = tl.where(visible, s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row with nothing visible yet has m_new = -inf: subtract 0 so exp2 gives 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p = p.to(DOT_DTYPE)
+        acc1 = tl.dot(p, v1, acc=acc1 * alpha[:, None], input_precision=DOT_PREC)
+        acc2 = tl.dot(p, v2, acc=acc2 * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
 
     # Rows that saw nothing have acc = 0 and l = 0: divide by 1 to write zeros.
     l_div = tl.where(l_i == 0.0, 1.0, l_i)
@@ -227,26 +256,35 @@ class AttentionPlan:
 
 MIN_TOKENS_PER_SPLIT = 512  # below this a split's fixed cost (merge, scratch) is not repaid
 MAX_SPLITS = 32
-TILE_KEYS = 64  # keys per N tile when the block size is smaller
 
 
 def plan_attention(num_tokens: int, num_seqs: int, max_seqlen_q: int, max_views: int, block_size: int,
-                   group: int, num_kv_heads: int, num_sms: int, num_splits: int | None = None) -> AttentionPlan:
+                   group: int, num_kv_heads: int, num_sms: int, num_splits: int | None = None,
+                   fp32: bool = False) -> AttentionPlan:
     """Choose tiles and split-K for one launch, from host-side ints only (no device sync).
 
-    Split-K pays in decode with few sequences and long context: B * Hkv programs cannot fill the
-    GPU, so each sequence's views are cut into splits that run in parallel and are merged.
+    Tile sizes were chosen by compiling for sm_90 and reading ptxas' register/spill report
+    (bf16, head_dim 128): decode M16 x N64 with 4 warps and prefill M128 x N32 with 8 warps
+    (M64 x N16, 4 warps, for short prompts) compile without spills. fp32 uses full-precision
+    dots (no tensor cores) and smaller tiles. Split-K pays in decode with few sequences and
+    long contexts: B * Hkv programs cannot fill the GPU, so each sequence's views are cut into
+    splits that run in parallel and are merged.
     """
     group_pad = next_pow2(group)
-    views_per_tile = max(1, TILE_KEYS // block_size)
     decode = max_seqlen_q <= 1
     if decode:
-        block_q = 1
-        block_m = max(16, group_pad)
+        block_q, block_m = 1, max(16, group_pad)
+        tile_keys, num_warps = (32, 8) if fp32 else (64, 4)
     else:
-        block_m = 128 if max_seqlen_q * group_pad >= 128 else 64
+        if fp32:
+            block_m, tile_keys, num_warps = 16, 32, 8
+        elif max_seqlen_q * group_pad >= 128:
+            block_m, tile_keys, num_warps = 128, 32, 8
+        else:
+            block_m, tile_keys, num_warps = 64, 16, 4
         block_m = max(block_m, group_pad)
         block_q = block_m // group_pad
+    views_per_tile = max(1, tile_keys // block_size)
     if num_splits is None:
         num_splits = 1
         context = max_views * block_size
@@ -255,7 +293,6 @@ def plan_attention(num_tokens: int, num_seqs: int, max_seqlen_q: int, max_views:
         if decode and programs < target and context >= 2 * MIN_TOKENS_PER_SPLIT:
             num_splits = min(triton.cdiv(target, programs), context // MIN_TOKENS_PER_SPLIT, MAX_SPLITS)
     num_splits = max(1, min(num_splits, max(max_views, 1)))
-    num_warps = 8 if block_m >= 128 else 4
     return AttentionPlan(block_q, block_m, views_per_tile, num_splits, num_warps, num_stages=2)
 
 
@@ -289,7 +326,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = Hq // Hkv
     views = meta.views.to(torch.int32).contiguous()
     max_views = min(max(meta.max_views, 1), views.shape[1])
-    plan = plan_attention(T, B, meta.max_seqlen_q, max_views, page, group, Hkv, _num_sms(q.device), num_splits)
+    plan = plan_attention(T, B, meta.max_seqlen_q, max_views, page, group, Hkv, _num_sms(q.device), num_splits,
+                          fp32=q.dtype == torch.float32)
     direct = meta.max_seqlen_q <= 1 and T == B  # every sequence has exactly one query token
     tile_pad = 0 if plan.block_q == 1 else 1
     num_tiles = T // plan.block_q + B * tile_pad
@@ -326,7 +364,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HALF=half, HALF_PAD=next_pow2(half), GROUP=group, GROUP_PAD=next_pow2(group),
         BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, PAGE=page, VIEWS_PER_TILE=plan.views_per_tile,
         BLOCK_B=max(16, next_pow2(B)), TILE_PAD=tile_pad, DIRECT=direct,
-        SPLIT=S > 1, CAUSAL_SKIP=meta.max_seqlen_q > 1,
+        SPLIT=S > 1, CAUSAL_SKIP=meta.max_seqlen_q > 1, ROTATE_KEYS=plan.block_m > plan.views_per_tile * page,
         DOT_DTYPE=dot_dtype, DOT_PREC=dot_precision(dot_dtype),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )

@@ -6,8 +6,8 @@ Owns (each the twin of the function of the same name in `torch_ref`, minus the s
     rotate_copy_triton    src_slots, dst_slots int64 [N], delta int32 [N]; caches in place
 
 Caches are [num_blocks, P, Hkv, D] with any strides; slot s lives at block s // P, offset s % P.
-Each program handles BLOCK_T tokens x all heads x the head dim, as a 3-D tile
-[BLOCK_T, H_PAD, HALF_PAD] per half of the head dim (RoPE pairs j with j + D/2, see
+Each program handles BLOCK_T tokens (see tokens_per_program) x all heads x the head dim, as a
+3-D tile [BLOCK_T, H_PAD, HALF_PAD] per half of the head dim (RoPE pairs j with j + D/2, see
 triton_common), so K rotations are elementwise and no element is loaded twice.
 """
 from __future__ import annotations
@@ -18,7 +18,18 @@ import triton.language as tl
 
 from nanodance.kernels.triton_common import check_launchable, next_pow2, rope_rotate
 
-BLOCK_T = 16  # tokens per program: 16 x Hkv x D elements is a few KB, plenty per program
+
+def tokens_per_program(heads: int, half: int, budget: int) -> int:
+    """Tokens per program so one [BLOCK_T, H_PAD, HALF_PAD] tile holds about `budget` elements.
+
+    Sized from ptxas reports for sm_90 (see compile_check): ~1K fp32 elements per tile keeps
+    the rotating kernels (several live fp32 tiles) free of register spills with 4 warps."""
+    fit = max(1, budget // (next_pow2(heads) * next_pow2(half)))
+    return 1 << (fit.bit_length() - 1)  # the largest power of two <= fit (tl.arange needs one)
+
+
+COPY_BUDGET = 4096  # store_kv moves raw elements: bigger tiles
+ROTATE_BUDGET = 1024  # key_deviation / rotate_copy hold ~6 fp32 tiles at once
 
 
 @triton.jit
@@ -125,10 +136,11 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
         return
     page, H, half = _dims(k_cache)
     slots = slot_mapping.to(torch.int64).contiguous()
-    _store_kv_kernel[(triton.cdiv(T, BLOCK_T),)](
+    block_t = tokens_per_program(H, half, COPY_BUDGET)
+    _store_kv_kernel[(triton.cdiv(T, block_t),)](
         k, v, k_cache, v_cache, slots, T, H, half,
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
-        P=page, BLOCK_T=BLOCK_T, H_PAD=next_pow2(H), HALF_PAD=next_pow2(half), num_warps=4)
+        P=page, BLOCK_T=block_t, H_PAD=next_pow2(H), HALF_PAD=next_pow2(half), num_warps=4)
 
 
 def key_deviation_triton(k_fresh: torch.Tensor, k_cache: torch.Tensor, src_slots: torch.Tensor,
@@ -144,11 +156,12 @@ def key_deviation_triton(k_fresh: torch.Tensor, k_cache: torch.Tensor, src_slots
     if N == 0:
         return out
     page, H, half = _dims(k_cache)
-    _key_deviation_kernel[(triton.cdiv(N, BLOCK_T),)](
+    block_t = tokens_per_program(H, half, ROTATE_BUDGET)
+    _key_deviation_kernel[(triton.cdiv(N, block_t),)](
         k_fresh, k_cache, src_slots.to(torch.int64).contiguous(), delta.to(torch.int32).contiguous(),
         inv_freq.to(device=k_fresh.device, dtype=torch.float32).contiguous(), out, N, H, half,
         *k_fresh.stride(), *k_cache.stride(),
-        P=page, BLOCK_T=BLOCK_T, H_PAD=next_pow2(H), HALF_PAD=next_pow2(half), num_warps=4)
+        P=page, BLOCK_T=block_t, H_PAD=next_pow2(H), HALF_PAD=next_pow2(half), num_warps=4)
     return out
 
 
@@ -162,8 +175,9 @@ def rotate_copy_triton(k_cache: torch.Tensor, v_cache: torch.Tensor, src_slots: 
     if N == 0:
         return
     page, H, half = _dims(k_cache)
-    _rotate_copy_kernel[(triton.cdiv(N, BLOCK_T),)](
+    block_t = tokens_per_program(H, half, ROTATE_BUDGET)
+    _rotate_copy_kernel[(triton.cdiv(N, block_t),)](
         k_cache, v_cache, src_slots.to(torch.int64).contiguous(), dst_slots.to(torch.int64).contiguous(),
         delta.to(torch.int32).contiguous(), inv_freq.to(device=k_cache.device, dtype=torch.float32).contiguous(),
         N, H, half, *k_cache.stride(), *v_cache.stride(),
-        P=page, BLOCK_T=BLOCK_T, H_PAD=next_pow2(H), HALF_PAD=next_pow2(half), num_warps=4)
+        P=page, BLOCK_T=block_t, H_PAD=next_pow2(H), HALF_PAD=next_pow2(half), num_warps=4)
