@@ -170,9 +170,12 @@ def run(dev: torch.device, shapes: dict, bench_ms) -> int:
         torch_ref.rotate_copy_torch(a, b, src, dst, delta[:N // 2], inv)
         c, d = kc.clone(), vc.clone()
         rotate_copy_triton(c, d, src, dst, delta[:N // 2], inv)
-        err = (a.float() - c.float()).abs().max().item()
-        tol = 1e-5 if dtype == torch.float32 else 2 ** -6  # 1 ulp at |x| < 4 for bf16
-        ok = err <= tol and torch.equal(b, d)
+        diff = (a.float() - c.float()).abs()
+        err = diff.max().item()
+        # fp32: cos/sin of the same angle differ by ~1e-7 between backends; bf16: 1 ulp
+        # (ulp(x) <= |x| * 2**-7), the kernel and torch may round the fp32 result differently.
+        tol = 1e-5 if dtype == torch.float32 else a.float().abs() * 2 ** -7 + 1e-6
+        ok = bool((diff <= tol).all()) and torch.equal(b, d)
         goals[f"correct: rotate_copy {str(dtype)[6:]}"] = ok
         row(f"rotate_copy {str(dtype)[6:]}", f"N={N // 2}", f"max|err| {err:.1e} {'PASS' if ok else 'FAIL'}")
         del kc, vc, a, b, c, d

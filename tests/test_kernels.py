@@ -41,7 +41,7 @@ class Case:
 
 def build_case(seed: int, dtype: torch.dtype, block_size: int, head_dim: int, group: int, num_kv_heads: int,
                seqs: list, *, p_lo: float = 0.3, p_partial: float = 0.3, deltas=(0, 5, -7, 300, -250),
-               p_share: float = 0.2, shuffle_views: bool = False, start: int = 0) -> Case:
+               p_share: float = 0.2, shuffle_views: bool = False, start: int = 0, segment_views: int = 4) -> Case:
     """seqs: (kv_len, queries) per sequence; queries = n (the last n positions) or a position list."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -56,7 +56,7 @@ def build_case(seed: int, dtype: torch.dtype, block_size: int, head_dim: int, gr
     views, q_pos = [], []
     for kv_len, queries in seqs:
         v = random_views(rng, kv_len, block_size, next_block, start=start, p_lo=p_lo, p_partial=p_partial,
-                         deltas=deltas)
+                         deltas=deltas, max_segment_views=segment_views)
         if shuffle_views:
             rng.shuffle(v)
         views.append(v)
@@ -155,6 +155,10 @@ CASES = [
     (torch.float16, 16, 64, 4, 2, DECODE, {"num_splits": 3}),
     (torch.bfloat16, 16, 128, 1, 2, [(200, 1), (1, 1), (33, 1)], {"num_splits": 4}),
     (torch.float32, 32, 64, 4, 1, [(150, 1), (70, 1)], {"num_splits": 2, "shuffle_views": True}),
+    # Every view its own delta: every multi-view tile straddles deltas (prefill tiles rotate
+    # keys per view, decode tiles score once per view).
+    (torch.float16, 16, 64, 4, 1, [(70, 70), (20, 1)], {"segment_views": 1}),
+    (torch.bfloat16, 16, 64, 3, 1, [(90, 1), (17, 1)], {"segment_views": 1}),
 ]
 
 
@@ -163,8 +167,9 @@ CASES = [
 def test_triton_matches_twin(dtype, block_size, head_dim, group, num_kv_heads, seqs, extra):
     extra = dict(extra)
     shuffle = extra.pop("shuffle_views", False)
+    segment_views = extra.pop("segment_views", 4)
     c = build_case(block_size * 1000 + head_dim * 10 + group, dtype, block_size, head_dim, group, num_kv_heads,
-                   seqs, shuffle_views=shuffle)
+                   seqs, shuffle_views=shuffle, segment_views=segment_views)
     expected = paged_attention_torch(c.q, c.k_cache, c.v_cache, c.meta, c.inv_freq, c.scale)
     assert_matches(run_triton(c, **extra), expected, dtype)
 

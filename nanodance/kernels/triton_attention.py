@@ -363,7 +363,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         views.stride(0), views.stride(1),
         HALF=half, HALF_PAD=next_pow2(half), GROUP=group, GROUP_PAD=next_pow2(group),
         BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, PAGE=page, VIEWS_PER_TILE=plan.views_per_tile,
-        BLOCK_B=max(16, next_pow2(B)), TILE_PAD=tile_pad, DIRECT=direct,
+        BLOCK_B=16 if direct else max(16, next_pow2(B)), TILE_PAD=tile_pad, DIRECT=direct,
         SPLIT=S > 1, CAUSAL_SKIP=meta.max_seqlen_q > 1, ROTATE_KEYS=plan.block_m > plan.views_per_tile * page,
         DOT_DTYPE=dot_dtype, DOT_PREC=dot_precision(dot_dtype),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
