@@ -18,10 +18,12 @@ How one program works (grid: q tiles x Hkv heads x splits):
   * N tile = VIEWS_PER_TILE consecutive views of the sequence, each contributing its block's
     P slots; slots outside [lo, hi) are masked (their memory may hold anything, even NaN).
   * Causal by position: key position pos0 + slot - lo <= query position.
-  * RoPE deltas: a tile whose views share one delta d != 0 rotates the query tile by -d in
-    fp32 (scores (R(-d) q) . k equal q . (R(d) k)); the common d = 0 tile does no extra work.
-    A tile that straddles views with different deltas (only at segment edges) is scored once
-    per view with the query rotated by that view's delta. K is always used exactly as stored.
+  * RoPE deltas: scores (R(-d) q) . k equal q . (R(d) k), so the kernel rotates whichever
+    tile is smaller, in fp32, once per tile; the common d = 0 tile does no extra work.
+    Decode (M <= N): the query tile is rotated by -d and K is used exactly as stored; a tile
+    that straddles views with different deltas (a segment edge) is scored once per view.
+    Prefill (M > N, ROTATE_KEYS): each key is rotated forward by its own view's delta (one
+    angle per head-dim pair when the tile's views share it), then rounded for the dot once.
   * Online softmax in fp32 with exp2 (scale folded into log2 units); a row that sees no key
     keeps l = 0 and is written as zeros, never NaN.
 The head dim is processed as two halves (see triton_common) so rotations are elementwise.
@@ -247,7 +249,7 @@ class AttentionPlan:
     """Launch shape chosen by `plan_attention`."""
 
     block_q: int  # query tokens per M tile
-    block_m: int  # rows per M tile = block_q * group_pad (>= 16: tl.dot's minimum on GPUs)
+    block_m: int  # rows per M tile, >= block_q * group_pad and >= 16 (tl.dot's minimum on GPUs)
     views_per_tile: int  # views per N tile (N = views_per_tile * block_size)
     num_splits: int  # split-K factor over each sequence's views (1 = no split)
     num_warps: int
