@@ -42,7 +42,11 @@ STAMP="$VENV/.nanodance-setup-$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup.
 if [[ -f "$STAMP" ]]; then
     say "packages up to date (.venv)"
 else
-    pip_install() { "$PY" -m pip install -q "$@"; }
+    # This machine's pip config may name local index folders that lack a package; pip warns once
+    # per package about each. Drop only that line; pipefail keeps pip's exit status.
+    pip_install() {
+        "$PY" -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location 'file:.*' is ignored" || true; }
+    }
     say "installing $TORCH_PIN (CPU)"
     pip_install "$TORCH_PIN"
     say "installing $TRITON_PIN"
