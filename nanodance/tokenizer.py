@@ -17,10 +17,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from nanodance.errors import ModelLoadError
+
 REPLACEMENT_CHAR = "\ufffd"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(ModelLoadError):
     """The tokenizer files are missing or malformed, or the request cannot be rendered."""
 
 

@@ -1,0 +1,142 @@
+"""The Llama-family decoder (Llama, Mistral-style, Qwen2, Qwen3) in plain PyTorch.
+
+Owns the layers and their math; not the cache layout (kernels + AttentionMetadata) nor the
+weights on disk (weights.py). One forward runs a ragged batch flattened to T tokens:
+
+    forward(input_ids int64 [T], positions int64 [T], meta, kv_caches) -> hidden [T, H]
+    compute_logits(hidden [N, H]) -> fp32 [N, vocab]     (only for the rows that sample)
+
+`kv_caches[i]` is layer i's `(k_cache, v_cache)`, each `[num_blocks, block_size, Hkv, D]`.
+Keys are stored after RoPE (DESIGN.md §3.1), written by `kernels.store_kv` before attention,
+so a query sees the keys of its own step. q/k/v and gate/up projections are fused at load
+time (one matmul each); Qwen2 adds q/k/v biases, Qwen3 a per-head RMSNorm on q and k.
+RoPE follows transformers exactly (cos/sin computed in fp32, cast to the activation dtype),
+so logits match `transformers` bit for bit on the same weights and dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanodance import kernels
+from nanodance.attention_metadata import AttentionMetadata
+from nanodance.config import ModelConfig, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 and cast back before the weight, as transformers does.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], inv_freq: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = kernels.rotate(q, cos, sin)
+        k = kernels.rotate(k, cos, sin)
+        k_cache, v_cache = kv_cache
+        kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = kernels.paged_attention(q, k_cache, v_cache, meta, inv_freq, self.scale)  # [T, Hq, D]
+        return self.o_proj(out.reshape(T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, meta, kv_cache, inv_freq):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache, inv_freq)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nn.Module):
+    """Embedding -> decoder layers -> final norm; `compute_logits` applies the LM head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # fp32 [D/2], with rope scaling applied; a buffer so .to(device) moves it, kept fp32
+        # by `_apply` below (the query rotation by view deltas needs exact frequencies).
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.inv_freq = self.inv_freq.float()
+        return self
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], num_layers: int | None = None) -> torch.Tensor:
+        """Hidden states [T, H] after the final norm (or the raw residual after `num_layers`).
+
+        `num_layers` stops early and returns the residual stream un-normalized; the KV
+        collector uses it to compute fresh keys of the first layers only.
+        """
+        x = self.embed_tokens(input_ids)
+        cos, sin = kernels.rope_cos_sin(positions, self.inv_freq)
+        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # [T, 1, D]
+        layers = self.layers if num_layers is None else self.layers[:num_layers]
+        for layer, kv_cache in zip(layers, kv_caches):
+            x = layer(x, cos, sin, meta, kv_cache, self.inv_freq)
+        return x if num_layers is not None else self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def layer_keys(self, layer_index: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotated keys [T, Hkv, D] that layer `layer_index` computes from its input residual."""
+        attn = self.layers[layer_index].self_attn
+        x = self.layers[layer_index].input_layernorm(hidden)
+        _, k, _ = attn.qkv_proj(x).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        k = k.view(-1, attn.num_kv_heads, attn.head_dim)
+        if attn.k_norm is not None:
+            k = attn.k_norm(k)
+        cos, sin = kernels.rope_cos_sin(positions, self.inv_freq)
+        return kernels.rotate(k, cos[:, None].to(k.dtype), sin[:, None].to(k.dtype))

@@ -1,0 +1,84 @@
+"""Sampling parameters (validated at construction) and the batched sampler.
+
+    sample(logits fp32 [N, vocab], params: list[SamplingParams], generators) -> list[int]
+
+Temperature 0 is greedy: the exact argmax of the logits (first index on ties, like
+`torch.argmax`), never a sampled draw. Otherwise logits are divided by the temperature,
+restricted to the top-k and then to the top-p nucleus, and one token is drawn with the
+request's own `torch.Generator` (seeded from `seed` when given), so a seeded request gives the
+same tokens whatever else is in the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from nanodance.errors import RequestError
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: no top-k restriction
+    max_tokens: int = 16
+    seed: int | None = None
+    stop: list[str] | str | None = None  # stop strings (not included in the text)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise RequestError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or (self.top_k < 1 and self.top_k != -1):
+            raise RequestError(f"top_k must be -1 (off) or an integer >= 1, got {self.top_k!r}")
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise RequestError(f"seed must be an int or None, got {self.seed!r}")
+        bad_stop = [s for s in self.stop if not isinstance(s, str) or not s]
+        if bad_stop:
+            raise RequestError(f"stop must be a non-empty string or a list of them, got {bad_stop!r}")
+        bad_ids = [t for t in self.stop_token_ids if not isinstance(t, int) or isinstance(t, bool) or t < 0]
+        if bad_ids:
+            raise RequestError(f"stop_token_ids must be non-negative ints, got {bad_ids!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+    """One token per row of `logits` (fp32 [N, vocab])."""
+    tokens = logits.argmax(dim=-1).tolist()
+    for row, (p, gen) in enumerate(zip(params, generators)):
+        if p.greedy:
+            continue
+        tokens[row] = _draw(logits[row], p, gen)
+    return tokens
+
+
+def _draw(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+    scores = logits.float() / p.temperature
+    if p.top_k != -1 and p.top_k < scores.numel():
+        kth = torch.topk(scores, p.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before
+        # it already does (the most likely token is always kept).
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+        scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=gen).item())

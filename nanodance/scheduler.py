@@ -1,0 +1,232 @@
+"""Continuous batching: which positions of which sequences the next step computes.
+
+Owns the waiting and running queues, block allocation for each step, prefix-cache matching
+at admission, preemption by recompute, and the bookkeeping after a step (append the sampled
+token, finish checks, publish full blocks to the prefix index, release finished sequences).
+
+One step (`schedule`) spends a token budget (`max_num_batched_tokens`):
+1. running sequences in admission order take the next positions of their `pending` list
+   (decode = 1 position, a prefill chunk = up to the remaining budget); when the pool has no
+   block for them, the most recently admitted running sequence is preempted (its blocks
+   released, its tokens recomputed later) until the allocation fits;
+2. if nothing was preempted, waiting sequences are admitted in order while the budget, the
+   pool and `max_num_seqs` allow; an admitted sequence first reuses its cached prefix blocks.
+The result is a list of `ScheduledChunk`s; the runner turns them into one forward pass.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from nanodance.cache import BlockPool, NoFreeBlocks, View, chain_hash
+from nanodance.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    positions: list[int]  # sorted positions whose K/V this step computes
+    sample: bool  # the chunk empties `pending`: sample the next token from its last row
+
+
+@dataclass
+class SchedulerCounters:
+    prefill_tokens_computed: int = 0  # positions computed in chunks that were not decode steps
+    decode_tokens: int = 0
+    prefix_cached_tokens: int = 0  # prompt positions served by prefix-cache hits
+    preemptions: int = 0
+    steps: int = 0
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int,
+                 eos_token_ids: Iterable[int] = ()):
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.counters = SchedulerCounters()
+        # Called with a sequence just before its views are released on preemption; the
+        # round machinery uses it to keep shared views alive (see collector).
+        self.on_preempt: Callable[[Sequence], None] | None = None
+
+    # ------------------------------------------------------------------ queues
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop `seq` wherever it is and free its blocks (its output keeps what it has)."""
+        if seq.status is Status.FINISHED:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._finish(seq, "abort")
+
+    # ------------------------------------------------------------------ one step
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            take = seq.pending[:budget]
+            while not self._ensure_slots(seq, take[-1]):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                break  # it preempted itself: nothing after it can run either
+            chunks.append(ScheduledChunk(seq, take, sample=len(take) == len(seq.pending)))
+            budget -= len(take)
+            i += 1
+        if not preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = self.waiting[0]
+                fresh = not seq.views
+                if fresh:
+                    self._match_prefix(seq)
+                take = seq.pending[:budget]
+                if not self._ensure_slots(seq, take[-1]):
+                    if fresh:  # give back what admission took; it stays first in line
+                        self.pool.release(seq.views)
+                        seq.reset_for_recompute()
+                    break
+                self.waiting.popleft()
+                seq.status = Status.RUNNING
+                self.running.append(seq)
+                chunks.append(ScheduledChunk(seq, take, sample=len(take) == len(seq.pending)))
+                budget -= len(take)
+        self.counters.steps += bool(chunks)
+        return chunks
+
+    def _ensure_slots(self, seq: Sequence, last_pos: int) -> bool:
+        """Give `seq` private blocks until its views cover `last_pos`; False if the pool ran dry."""
+        while seq.covered <= last_pos:
+            try:
+                block = self.pool.allocate(frame0=seq.covered)
+            except NoFreeBlocks:
+                return False
+            seq.add_view(View(block, 0, self.block_size, seq.covered))
+        return True
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        """Reuse the longest run of cached full blocks of the token prefix (>= 1 token left)."""
+        bs = self.block_size
+        if not self.pool.enable_prefix_caching or seq.pending[:1] != [0]:
+            return
+        tokens = seq.token_ids
+        max_blocks = min(len(tokens) - 1, seq.exact_prefix_len) // bs
+        parent = None
+        hits = 0
+        for i in range(max_blocks):
+            block_tokens = tokens[i * bs:(i + 1) * bs]
+            h = chain_hash(parent, block_tokens)
+            block = self.pool.lookup(h, block_tokens)
+            if block is None:
+                break
+            self.pool.ref(block)
+            seq.add_view(View(block, 0, bs, i * bs))
+            seq.block_hashes.append(h)
+            parent, hits = h, hits + 1
+        seq.num_hashed_blocks = hits
+        if hits:
+            seq.pending = [p for p in seq.pending if p >= hits * bs]
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = hits * bs
+                self.counters.prefix_cached_tokens += hits * bs
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        if self.on_preempt is not None:
+            self.on_preempt(seq)
+        self.pool.release(seq.views)
+        seq.block_hashes = []
+        seq.reset_for_recompute()
+        seq.num_preemptions += 1
+        self.counters.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # ------------------------------------------------------------------ after the step
+
+    def postprocess(self, chunks: list[ScheduledChunk], tokens: list[int | None]) -> list[Sequence]:
+        """Apply a step's results (`tokens[i]` for chunks that sampled); return finished sequences."""
+        finished = []
+        for chunk, token in zip(chunks, tokens):
+            seq = chunk.seq
+            del seq.pending[:len(chunk.positions)]
+            if chunk.sample and len(chunk.positions) == 1 and seq.output_token_ids:
+                self.counters.decode_tokens += 1
+            else:
+                self.counters.prefill_tokens_computed += len(chunk.positions)
+            self._publish_full_blocks(seq)
+            if not chunk.sample:
+                continue
+            reason = self._append_token(seq, token)
+            if reason is not None:
+                self.running.remove(seq)
+                self._finish(seq, reason)
+                finished.append(seq)
+            else:
+                seq.pending = [seq.num_tokens - 1]
+        return finished
+
+    def _append_token(self, seq: Sequence, token: int) -> str | None:
+        """Append a sampled token; the finish reason if the sequence is done, else None."""
+        seq.output_token_ids.append(token)
+        p = seq.params
+        if seq.decoder is not None:
+            before = len(seq.text)
+            seq.text += seq.decoder.push(token)
+            for stop in p.stop:
+                # Search only where a new match can start: the new text and the stop's length before it.
+                at = seq.text.find(stop, max(0, before - len(stop) + 1))
+                if at != -1:
+                    seq.text = seq.text[:at]
+                    seq.decoder = None  # the text is final: nothing may be flushed after the cut
+                    return "stop"
+        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+            return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= seq.max_len:
+            return "length"
+        return None
+
+    def _publish_full_blocks(self, seq: Sequence) -> None:
+        """Put the sequence's newly completed, exactly computed full blocks in the prefix index."""
+        bs = self.block_size
+        known = min(seq.pending[0] if seq.pending else seq.num_tokens, seq.exact_prefix_len)
+        while (seq.num_hashed_blocks + 1) * bs <= known:
+            i = seq.num_hashed_blocks
+            view = seq.views[i]
+            if (view.lo, view.hi, view.pos0) != (0, bs, i * bs):
+                seq.exact_prefix_len = i * bs  # not a plain aligned block: the chain stops here
+                return
+            block_tokens = seq.token_ids[i * bs:(i + 1) * bs]
+            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, block_tokens)
+            self.pool.register(view.block, h, block_tokens)
+            seq.block_hashes.append(h)
+            seq.num_hashed_blocks += 1
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if seq.decoder is not None:
+            seq.text += seq.decoder.flush()
+        self.pool.release(seq.views)
+        seq.replace_views([])
+        seq.pending = []
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        seq.error = error

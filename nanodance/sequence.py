@@ -1,0 +1,102 @@
+"""One request's state while the engine runs it: tokens, views, what is left to compute.
+
+A sequence holds positions 0..n-1 (`token_ids`, prompt then output). Its `views` cover a
+prefix of those positions in order (each view's pos0 is the previous view's end). `pending`
+is the sorted list of positions whose K/V must still be computed; every step computes a
+prefix of it and, when that empties it, samples the next token from the last position's
+logits. Plain prefill is `pending = [num_cached, n)`, decode is `pending = [n-1]`, and the
+TokenDance extend prefill is any sorted set (private tokens and recomputed blocks) while
+reused shared views cover the rest.
+
+`exact_prefix_len` is how many leading positions hold K/V computed exactly from the token
+prefix alone (no reused or approximate KV before them): only blocks inside it may be
+published in the prefix index.
+"""
+from __future__ import annotations
+
+import bisect
+import enum
+from dataclasses import dataclass, field
+
+from nanodance.cache import View
+from nanodance.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_len: int  # prompt + output tokens never exceed this (max_model_len)
+    prompt: object = None  # what the caller passed, echoed in the output
+    output_token_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    views: list[View] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+    exact_prefix_len: int = 1 << 62
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    num_preemptions: int = 0
+    num_hashed_blocks: int = 0  # leading full blocks already published / matched
+    block_hashes: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    decoder: object = None  # IncrementalDecoder, set by the engine when it has a tokenizer
+    generator: object = None  # torch.Generator for sampling (the request's own when seeded)
+    text: str = ""
+    _view_starts: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def covered(self) -> int:
+        """Positions covered by views (slots exist for them)."""
+        return self.views[-1].end if self.views else 0
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def token_at(self, pos: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[pos] if pos < n else self.output_token_ids[pos - n]
+
+    def add_view(self, view: View) -> None:
+        assert view.pos0 == self.covered, "views must cover positions contiguously"
+        self.views.append(view)
+        self._view_starts.append(view.pos0)
+
+    def replace_views(self, views: list[View]) -> None:
+        self.views = list(views)
+        self._view_starts = [v.pos0 for v in self.views]
+
+    def view_at(self, pos: int) -> View:
+        i = bisect.bisect_right(self._view_starts, pos) - 1
+        return self.views[i]
+
+    def slot_of(self, pos: int, block_size: int) -> int:
+        """Flat pool slot that holds (or will hold) the K/V of position `pos`."""
+        v = self.view_at(pos)
+        return v.block * block_size + v.lo + (pos - v.pos0)
+
+    def reset_for_recompute(self) -> None:
+        """After preemption: no views, everything (prompt and output so far) to compute again."""
+        self.replace_views([])
+        self.pending = list(range(self.num_tokens))
+        self.num_hashed_blocks = 0
+        self.status = Status.WAITING
