@@ -71,6 +71,17 @@ class ModelConfig:
             vocab = int(raw["vocab_size"])
         except KeyError as e:
             raise ConfigError(f"config.json lacks the required key {e.args[0]!r}") from None
+        unsupported = []
+        if raw.get("mlp_bias"):
+            unsupported.append("mlp_bias=true (biases on gate/up/down projections)")
+        if arch != "qwen2" and raw.get("attention_bias"):
+            unsupported.append("attention_bias=true (biases on q/k/v/o projections)")
+        window = raw.get("sliding_window")
+        if raw.get("use_sliding_window") or (arch == "llama" and window and window < raw.get("max_position_embeddings", 0)):
+            unsupported.append(f"sliding-window attention (sliding_window={raw.get('sliding_window')})")
+        if unsupported:
+            raise ConfigError(f"this checkpoint uses features nanodance does not implement: {'; '.join(unsupported)}; "
+                              f"running it anyway would give wrong logits")
         head_dim = raw.get("head_dim") or hidden // heads
         rope_theta, scaling = _parse_rope(raw)
         eos = raw.get("eos_token_id")
@@ -81,7 +92,7 @@ class ModelConfig:
             num_kv_heads=int(raw.get("num_key_value_heads") or heads), head_dim=int(head_dim),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta,
             rope_scaling=scaling, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=arch == "qwen2" or bool(raw.get("attention_bias", False)),
+            attention_bias=arch == "qwen2",
             qk_norm=arch == "qwen3",
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
             bos_token_id=raw.get("bos_token_id"), eos_token_ids=eos_ids)

@@ -389,9 +389,8 @@ def test_folder_without_safetensors_is_an_error(tmp_path):
 
 
 # Features of these architectures that nanodance does not implement. Either answer is right:
-# refuse the checkpoint (ModelLoadError), or run it with transformers' logits. Today the
-# extra weights are skipped and the setting ignored, so the model loads and answers wrongly.
-@pytest.mark.xfail(strict=True, reason="loads silently and ignores o_proj/MLP biases and sliding windows")
+# refuse the checkpoint (ModelLoadError), or run it with transformers' logits; loading it and
+# answering wrongly is not.
 @pytest.mark.parametrize("kind,overrides", [
     pytest.param("llama", {"attention_bias": True}, id="llama-attention_bias-has-o_proj-bias"),
     pytest.param("llama", {"mlp_bias": True}, id="llama-mlp_bias"),
