@@ -1,10 +1,11 @@
 """nanodance: a compact PyTorch-native LLM engine for multi-agent rounds with collective KV sharing.
 
-    from nanodance import LLM, SamplingParams
+    from nanodance import LLM, SamplingParams, Shared
 """
 from nanodance.engine import LLM, RequestOutput
 from nanodance.errors import CapacityError, ModelLoadError, NanodanceError, RequestError
 from nanodance.sampling import SamplingParams
+from nanodance.segments import Shared
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "NanodanceError", "ModelLoadError", "RequestError",
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "Shared", "NanodanceError", "ModelLoadError", "RequestError",
            "CapacityError"]

@@ -37,6 +37,7 @@ class Block:
     frame0: int = 0
     hash: int | None = None
     token_ids: tuple[int, ...] = ()
+    serial: int = 0  # which allocation of this block (accounting tells reuses of one block apart)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class BlockPool:
         self._cached: OrderedDict[int, None] = OrderedDict()  # ref 0 but hashed; oldest first
         self._index: dict[int, int] = {}  # hash -> block id
         self.counters = PoolCounters()
+        self._serial = 0
 
     # ------------------------------------------------------------------ capacity
 
@@ -116,7 +118,8 @@ class BlockPool:
         else:
             raise NoFreeBlocks
         block = self.blocks[block_id]
-        block.ref_count, block.frame0 = 1, frame0
+        self._serial += 1
+        block.ref_count, block.frame0, block.serial = 1, frame0, self._serial
         return block_id
 
     def ref(self, block_id: int) -> None:

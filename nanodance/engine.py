@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence as Seq
@@ -25,11 +27,14 @@ from typing import Any, Sequence as Seq
 import torch
 
 from nanodance.cache import BlockPool, KVCache
+from nanodance.collector import AgentCache, Collector, CollectorConfig, materialize, plan_agent
 from nanodance.config import ModelConfig
 from nanodance.errors import CapacityError, ModelLoadError, RequestError
 from nanodance.runner import ModelRunner
 from nanodance.sampling import SamplingParams
+from nanodance.round_stats import RoundOutputs, round_stats
 from nanodance.scheduler import Scheduler
+from nanodance.segments import EncodedPrompt, encode_segments, is_segment_prompt, output_block_ids
 from nanodance.sequence import Sequence, Status
 from nanodance.weights import load_model
 
@@ -37,7 +42,7 @@ logger = logging.getLogger("nanodance")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-REUSE_MODES = ("none", "prefix")
+REUSE_MODES = ("none", "prefix", "pic", "tokendance")
 DEFAULT_KV_CACHE_MEMORY = 512 * 2**20  # bytes, when neither kv_cache_blocks nor kv_cache_memory is given
 
 
@@ -53,13 +58,17 @@ class RequestOutput:
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
     error: str | None = None
+    stopped_by_token: bool = False  # the last token is an eos / stop id (not part of a Shared block)
+    engine_id: int = 0  # which LLM produced it (Shared(output) is only valid on that engine)
 
 
 class LLM:
     def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "bfloat16",
                  block_size: int = 16, kv_cache_blocks: int | None = None, kv_cache_memory: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 reuse: str = "prefix", seed: int = 0, device: str | torch.device | None = None):
+                 reuse: str = "tokendance", seed: int = 0, device: str | torch.device | None = None,
+                 recompute_ratio: float = 0.15, recompute_scheme: str = "block", master: str = "producer",
+                 master_sink: bool = True, check_layer: int = 1, selection: str = "collective"):
         if reuse not in REUSE_MODES:
             raise RequestError(f"unknown reuse mode {reuse!r}; choose one of {REUSE_MODES}")
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
@@ -87,13 +96,30 @@ class LLM:
             raise RequestError(f"kv_cache_blocks must be a positive int, got {kv_cache_blocks!r}")
         self.block_bytes = block_bytes
         self.reuse = reuse
-        self.pool = BlockPool(kv_cache_blocks, block_size, enable_prefix_caching=reuse == "prefix")
+        # Every mode but "none" keeps vLLM-style prefix caching of exact leading blocks.
+        self.pool = BlockPool(kv_cache_blocks, block_size, enable_prefix_caching=reuse != "none")
         self.kv_cache = KVCache.allocate(cfg.num_layers, kv_cache_blocks, block_size, cfg.num_kv_heads,
                                          cfg.head_dim, self.dtype, self.device)
         self.max_model_len = max_model_len or cfg.max_position_embeddings
         eos = set(cfg.eos_token_ids) | (set(self.tokenizer.eos_token_ids) if self.tokenizer else set())
         self.scheduler = Scheduler(self.pool, max_num_seqs, max_num_batched_tokens, eos)
         self.runner = ModelRunner(self.model, self.kv_cache, self.pool, self.device)
+        self.collector = None
+        if reuse in ("pic", "tokendance"):
+            ccfg = CollectorConfig(recompute_ratio=recompute_ratio, scheme=recompute_scheme, master=master,
+                                   master_sink=master_sink, check_layer=check_layer,
+                                   selection="per_agent" if reuse == "pic" else selection, dense_copy=reuse == "pic")
+            try:
+                self.collector = Collector(ccfg, self.model, self.pool, self.kv_cache, self.dtype, self.device)
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+        self.scheduler.on_finish = self._on_finish
+        self.scheduler.on_prefilled = self._on_prefilled
+        self._agents: dict[Any, AgentCache] = {}  # persistent agents' kept caches
+        self._round_seqs: dict[int, Sequence] = {}  # sequences of the call in flight, by id
+        self._prefilled_at: dict[int, tuple[float, list]] = {}  # seq id -> (time, prompt block keys)
+        self.round_history: list[dict] = []
+        self._engine_id = id(self)
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
         self._ids = itertools.count()
         self.num_requests_finished = 0
@@ -108,11 +134,86 @@ class LLM:
         prompts = list(prompts)
         if not prompts:
             raise RequestError("generate() needs at least one prompt")
+        if any(is_segment_prompt(p) or not _is_plain_prompt(p) for p in prompts):
+            return self.run_round(prompts, sampling_params, use_tqdm=use_tqdm)  # a round of its own
         params = self._params_per_prompt(sampling_params, len(prompts))
         token_ids = [self.encode_prompt(p, i) for i, p in enumerate(prompts)]
         seqs = [self._make_sequence(ids, p, prompt) for ids, p, prompt in zip(token_ids, params, prompts)]
         self._run(seqs, use_tqdm)
+        if self.collector is not None:
+            self.collector.release_outputs(keep={s.seq_id for s in seqs})
         return [self._output(s) for s in seqs]
+
+    def run_round(self, prompts: Seq[Any], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                  agents: Seq[Any] | None = None, use_tqdm: bool = True) -> RoundOutputs:
+        """One synchronized round of agents; outputs in prompt order, accounting in `.stats`.
+
+        `prompts[i]` is a list of segments (strings are private, `Shared(x)` are shared blocks)
+        or chat messages whose contents may hold `Shared` parts. `agents[i]`, when not None,
+        makes agent i persistent: its cache is kept after the round, and reused by its next
+        prompt as far as that prompt repeats the tokens it has seen.
+        """
+        prompts = list(prompts)
+        if not prompts:
+            raise RequestError("a round needs at least one prompt")
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        agent_ids = self._check_agents(agents, len(prompts))
+        encoded = [self._encode_round_prompt(p, i) for i, p in enumerate(prompts)]
+        t0 = time.perf_counter()
+        sc, cc = self.scheduler.counters, self.collector.counters if self.collector else None
+        computed_before = sc.prefill_tokens_computed
+        ref_before, coll_before = (cc.reference_token_layers, cc.seconds) if cc else (0, 0.0)
+        seqs = [self._make_sequence(e.token_ids, p, prompt) for e, p, prompt in zip(encoded, params, prompts)]
+        for seq, agent in zip(seqs, agent_ids):
+            seq.agent_id = agent
+        valid = [i for i, seq in enumerate(seqs) if self._capacity_error(seq) is None]
+        owns = [self._own_cache(agent_ids[i], encoded[i].token_ids) for i in valid]
+        plans = [None] * len(seqs)
+        if self.collector is not None:
+            got = self.collector.prepare_round([encoded[i].token_ids for i in valid], [encoded[i].spans for i in valid],
+                                               self._run_masters, owns)
+            for i, plan in zip(valid, got):
+                plans[i] = plan
+        else:
+            for i, own in zip(valid, owns):
+                if own is not None:
+                    plans[i] = plan_agent(len(encoded[i].token_ids), [], {}, {}, CollectorConfig(), self.pool.block_size,
+                                          own)
+        master_blocks = {(b, self.pool.blocks[b].serial) for m in (self.collector.round_masters if self.collector else [])
+                         for b in {v.block for v in m.views}}
+        for seq, plan in zip(seqs, plans):
+            if plan is not None:
+                seq.layout = self._layout_fn(plan)
+        self._prefilled_at = {}
+        self._run(seqs, use_tqdm)
+        t_end = time.perf_counter()
+        if self.collector is not None:
+            self.collector.release_round()
+            self.collector.release_outputs(keep={s.seq_id for s in seqs})
+        for own in owns:
+            if own is not None and own.views:  # not taken (the agent failed before admission)
+                self.pool.release(own.take())
+        done = [s for s in seqs if s.seq_id in self._prefilled_at]
+        shared_lens = {span.key: span.length for e in encoded for span in e.spans}
+        stats = round_stats(
+            mode=self.reuse, prompt_lens=[s.num_prompt_tokens for s in done],
+            private_tokens=[len(e.token_ids) - sum(sp.length for sp in e.spans)
+                            for s, e in zip(seqs, encoded) if s in done],
+            distinct_shared_lens=list(shared_lens.values()),
+            agent_blocks=[self._prefilled_at[s.seq_id][1] for s in done], master_blocks=master_blocks,
+            block_size=self.pool.block_size, block_bytes=self.block_bytes, num_layers=self.config.num_layers,
+            prefill_tokens_computed=sc.prefill_tokens_computed - computed_before,
+            reused_tokens=sum(s.reused_positions if s.layout else s.num_cached_tokens for s in done),
+            recomputed_tokens=sum(len(p.recompute) for p in plans if p is not None),
+            reference_token_layers=(cc.reference_token_layers - ref_before) if cc else 0,
+            collector_seconds=(cc.seconds - coll_before) if cc else 0.0,
+            num_masters=len({id(m) for p in plans if p for r in p.runs if r.master is not None for m in [r.master]}),
+            diff_blocks=sum(math.ceil((r.end - r.start) / self.pool.block_size) for p in plans if p for r in p.runs
+                            if r.start >= p.prefix_len and r.kind in ("compute", "copy") and _inside_span(r, p)),
+            prefill_seconds=max((self._prefilled_at[s.seq_id][0] for s in done), default=t0) - t0,
+            round_seconds=t_end - t0)
+        self.round_history.append(stats)
+        return RoundOutputs([self._output(s) for s in seqs], stats)
 
     def encode_prompt(self, prompt: Any, index: int = 0) -> list[int]:
         """Token ids of one prompt (string, token ids or chat messages); RequestError if invalid."""
@@ -156,10 +257,101 @@ class LLM:
             "requests_finished": self.num_requests_finished,
         }
 
+    def release_agent(self, agent_id: Any) -> None:
+        """Forget a persistent agent's kept cache (its blocks are released)."""
+        own = self._agents.pop(agent_id, None)
+        if own is not None:
+            self.pool.release(own.take())
+
     def reset_prefix_cache(self) -> None:
         self.pool.reset_prefix_cache()
 
     # ------------------------------------------------------------------ internals
+
+    # ------------------------------------------------------------------ rounds
+
+    def _check_agents(self, agents, n: int) -> list:
+        if agents is None:
+            return [None] * n
+        agents = list(agents)
+        if len(agents) != n:
+            raise RequestError(f"agents has {len(agents)} ids for {n} prompts")
+        named = [a for a in agents if a is not None]
+        dupes = sorted({repr(a) for a in named if named.count(a) > 1})
+        if dupes:
+            raise RequestError(f"persistent agent ids must be unique within a round; repeated: {dupes}")
+        return agents
+
+    def _encode_round_prompt(self, prompt: Any, index: int) -> EncodedPrompt:
+        if _is_plain_prompt(prompt) and not is_segment_prompt(prompt):
+            return EncodedPrompt(self.encode_prompt(prompt, index), [])
+        enc = encode_segments(prompt, self.tokenizer, index)
+        for span in enc.spans:
+            if span.source is not None and getattr(span.source, "engine_id", None) != self._engine_id:
+                raise RequestError(f"prompt {index}: Shared(output) of request {span.source.request_id} was produced "
+                                   f"by a different LLM instance; pass its text or token ids instead")
+        bad = [t for t in enc.token_ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise RequestError(f"prompt {index} holds token ids outside the vocabulary [0, {self.config.vocab_size}): "
+                               f"{bad[:5]}")
+        return enc
+
+    def _own_cache(self, agent_id, token_ids: list[int]) -> AgentCache | None:
+        """The agent's kept cache narrowed to what the new prompt repeats, or None."""
+        if agent_id is None or agent_id not in self._agents:
+            return None
+        own = self._agents.pop(agent_id)
+        m = 0
+        limit = min(len(own.token_ids), len(token_ids) - 1)  # at least one token is computed
+        while m < limit and own.token_ids[m] == token_ids[m]:
+            m += 1
+        if m == 0:
+            self.pool.release(own.take())
+            return None
+        own.truncate(m, self.pool)
+        return own
+
+    def _layout_fn(self, plan):
+        def layout(seq: Sequence) -> bool:
+            return materialize(seq, plan, self.pool, self.kv_cache, self.model.inv_freq, self.scheduler.match_prefix)
+        return layout
+
+    def _run_masters(self, id_lists: list[list[int]]) -> list[Sequence]:
+        """Prefill standalone masters (no sampling) in one batch; their views stay referenced."""
+        seqs = []
+        for ids in id_lists:
+            seq = Sequence(seq_id=next(self._ids), prompt_token_ids=ids, params=SamplingParams(max_tokens=1),
+                           max_len=self.pool.num_blocks * self.pool.block_size, prefill_only=True)
+            seq.pending = list(range(len(ids)))
+            problem = self._capacity_error(seq)
+            if problem is not None:
+                raise CapacityError(f"a shared block cannot be prefilled: {problem}")
+            seqs.append(seq)
+        self._run(seqs, use_tqdm=False)
+        return seqs
+
+    def _on_prefilled(self, seq: Sequence) -> None:
+        n = seq.num_prompt_tokens
+        blocks = [(v.block, self.pool.blocks[v.block].serial) for v in seq.views if v.pos0 < n]
+        self._prefilled_at[seq.seq_id] = (time.perf_counter(), blocks)
+
+    def _on_finish(self, seq: Sequence) -> None:
+        """Before a finished sequence's blocks are released: pin what later rounds may reuse."""
+        if seq.finish_reason in ("error", "abort") or seq.prefill_only:
+            return
+        if self.collector is not None:
+            ids = seq.output_token_ids[:-1] if seq.stopped_by_token else seq.output_token_ids
+            self.collector.pin_output(seq, tuple(ids))
+        if seq.agent_id is not None:
+            n = seq.num_tokens - 1  # the last sampled token was never fed back: no K/V
+            views = [v for v in seq.views if v.pos0 < n]
+            own = AgentCache(seq.token_ids[:n], views, seq.exact_prefix_len)
+            for v in views:
+                self.pool.ref(v.block)
+            own.truncate(n, self.pool)
+            self._agents[seq.agent_id] = own
+
+    # ------------------------------------------------------------------ requests
 
     def _params_per_prompt(self, sampling_params, n: int) -> list[SamplingParams]:
         if sampling_params is None:
@@ -216,7 +408,7 @@ class LLM:
                 if not chunks:
                     raise RuntimeError("scheduler made no progress with work queued (an engine bug)")
                 tokens = self.runner.run(chunks)
-                finished = self.scheduler.postprocess(chunks, tokens)
+                finished = [s for s in self.scheduler.postprocess(chunks, tokens) if not s.prefill_only]
                 self.num_requests_finished += len(finished)
                 bar.update(len(finished))
         finally:
@@ -231,7 +423,13 @@ class LLM:
             request_id=seq.seq_id, prompt=seq.prompt, prompt_token_ids=list(seq.prompt_token_ids), text=seq.text,
             token_ids=list(seq.output_token_ids), finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
-            num_preemptions=seq.num_preemptions, error=seq.error)
+            num_preemptions=seq.num_preemptions, error=seq.error, stopped_by_token=seq.stopped_by_token,
+            engine_id=self._engine_id)
+
+
+def _inside_span(run, plan) -> bool:
+    """A private run that replaces part of a shared block (a diff block), not private text."""
+    return run.kind == "copy" or any(run.start <= p < run.end for p in plan.recompute)
 
 
 def _resolve_dtype(dtype) -> torch.dtype:
@@ -249,6 +447,11 @@ def _load_tokenizer(folder: Path):
         logger.info("%s has no tokenizer.json: only token-id prompts are accepted", folder)
         return None
     return Tokenizer.from_folder(folder)
+
+
+def _is_plain_prompt(x) -> bool:
+    """A string, token ids or chat messages (as opposed to a list of segments)."""
+    return isinstance(x, str) or _is_token_ids(x) or _is_chat(x)
 
 
 def _is_token_ids(x) -> bool:

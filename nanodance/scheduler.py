@@ -50,9 +50,11 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.counters = SchedulerCounters()
-        # Called with a sequence just before its views are released on preemption; the
-        # round machinery uses it to keep shared views alive (see collector).
-        self.on_preempt: Callable[[Sequence], None] | None = None
+        # Hooks for the round machinery (engine.py): `on_prefilled(seq)` when a sequence's prompt
+        # is computed (its first token sampled), `on_finish(seq)` just before a finished
+        # sequence's views are released (a producer's output KV is pinned there).
+        self.on_prefilled: Callable[[Sequence], None] | None = None
+        self.on_finish: Callable[[Sequence], None] | None = None
 
     # ------------------------------------------------------------------ queues
 
@@ -91,15 +93,18 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 break  # it preempted itself: nothing after it can run either
-            chunks.append(ScheduledChunk(seq, take, sample=len(take) == len(seq.pending)))
+            chunks.append(ScheduledChunk(seq, take, sample=self._samples(seq, take)))
             budget -= len(take)
             i += 1
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
                 fresh = not seq.views
-                if fresh:
-                    self._match_prefix(seq)
+                if fresh and seq.layout is not None:
+                    if not seq.layout(seq):  # the layout could not get its blocks; it cleaned up
+                        break
+                elif fresh:
+                    self.match_prefix(seq)
                 take = seq.pending[:budget]
                 if not self._ensure_slots(seq, take[-1]):
                     if fresh:  # give back what admission took; it stays first in line
@@ -109,10 +114,14 @@ class Scheduler:
                 self.waiting.popleft()
                 seq.status = Status.RUNNING
                 self.running.append(seq)
-                chunks.append(ScheduledChunk(seq, take, sample=len(take) == len(seq.pending)))
+                chunks.append(ScheduledChunk(seq, take, sample=self._samples(seq, take)))
                 budget -= len(take)
         self.counters.steps += bool(chunks)
         return chunks
+
+    @staticmethod
+    def _samples(seq: Sequence, take: list[int]) -> bool:
+        return len(take) == len(seq.pending) and not seq.prefill_only
 
     def _ensure_slots(self, seq: Sequence, last_pos: int) -> bool:
         """Give `seq` private blocks until its views cover `last_pos`; False if the pool ran dry."""
@@ -124,7 +133,7 @@ class Scheduler:
             seq.add_view(View(block, 0, self.block_size, seq.covered))
         return True
 
-    def _match_prefix(self, seq: Sequence) -> None:
+    def match_prefix(self, seq: Sequence) -> None:
         """Reuse the longest run of cached full blocks of the token prefix (>= 1 token left)."""
         bs = self.block_size
         if not self.pool.enable_prefix_caching or seq.pending[:1] != [0]:
@@ -152,8 +161,6 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        if self.on_preempt is not None:
-            self.on_preempt(seq)
         self.pool.release(seq.views)
         seq.block_hashes = []
         seq.reset_for_recompute()
@@ -174,8 +181,16 @@ class Scheduler:
             else:
                 self.counters.prefill_tokens_computed += len(chunk.positions)
             self._publish_full_blocks(seq)
+            if seq.prefill_only and not seq.pending:
+                # A master: its K/V is computed; the views now belong to whoever asked for it.
+                self.running.remove(seq)
+                seq.status, seq.finish_reason = Status.FINISHED, "prefill"
+                finished.append(seq)
+                continue
             if not chunk.sample:
                 continue
+            if not seq.output_token_ids and self.on_prefilled is not None:
+                self.on_prefilled(seq)
             reason = self._append_token(seq, token)
             if reason is not None:
                 self.running.remove(seq)
@@ -200,6 +215,7 @@ class Scheduler:
                     seq.decoder = None  # the text is final: nothing may be flushed after the cut
                     return "stop"
         if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+            seq.stopped_by_token = True
             return "stop"
         if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= seq.max_len:
             return "length"
@@ -224,6 +240,8 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if seq.decoder is not None:
             seq.text += seq.decoder.flush()
+        if self.on_finish is not None:
+            self.on_finish(seq)
         self.pool.release(seq.views)
         seq.replace_views([])
         seq.pending = []

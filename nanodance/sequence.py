@@ -41,11 +41,16 @@ class Sequence:
     pending: list[int] = field(default_factory=list)
     exact_prefix_len: int = 1 << 62
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    reused_positions: int = 0  # prompt positions whose K/V was not computed for this request
     num_preemptions: int = 0
     num_hashed_blocks: int = 0  # leading full blocks already published / matched
     block_hashes: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    stopped_by_token: bool = False  # finished on eos / a stop token id (that token has no KV)
     error: str | None = None
+    agent_id: object = None  # a persistent agent's id: its cache is kept when it finishes
+    prefill_only: bool = False  # a master: compute the prompt's K/V, sample nothing, keep the views
+    layout: object = None  # callable(seq) -> bool that lays out views at admission (round requests)
     decoder: object = None  # IncrementalDecoder, set by the engine when it has a tokenizer
     generator: object = None  # torch.Generator for sampling (the request's own when seeded)
     text: str = ""
