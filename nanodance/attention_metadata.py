@@ -63,6 +63,9 @@ class AttentionMetadata:
     max_kv_len: int
     block_size: int
     _gather: KVGather | None = field(default=None, repr=False)
+    # Per-step values a backend derives once and reuses in every layer (e.g. the torch path's
+    # padded query indices and causal mask); cleared with the metadata after the step.
+    step_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_seqs(self) -> int:

@@ -106,6 +106,8 @@ def encode_segments(prompt: Any, tokenizer, index: int = 0) -> EncodedPrompt:
         if isinstance(piece, Shared):
             block = shared_token_ids(piece.value, tokenizer)
             if not block:
+                if _is_output(piece.value):
+                    continue  # an agent that said nothing contributes nothing
                 raise RequestError(f"prompt {index}: {piece!r} has no tokens")
             spans.append(SharedSpan(len(ids), len(ids) + len(block), tuple(block),
                                     piece.value if _is_output(piece.value) else None))

@@ -38,6 +38,11 @@ def store_kv_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
                    slot_mapping: torch.Tensor) -> None:
     """Scatter k/v rows into flat pool slots; slot -1 rows are skipped."""
     keep = slot_mapping >= 0
+    if bool(keep.all()):  # the usual case: skip the boolean-mask copies
+        slots = slot_mapping.long()
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+        return
     slots = slot_mapping[keep].long()
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
@@ -55,36 +60,51 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     B = meta.num_seqs
     g = meta.kv_gather()
     Hkv = k_cache.shape[2]
-    valid = g.pos != PAD_POS  # [B, L]; padding gathers slot 0, whose contents may be garbage
+    seq, row, valid, mask, sees_nothing = _step_masks(meta, g, T)
     k = k_cache.view(-1, Hkv, D)[g.slots]  # [B, L, Hkv, D]
     v = v_cache.view(-1, Hkv, D)[g.slots]
     # Zero the padding keys/values: NaN garbage there would leak through the masked softmax
     # (NaN * 0 = NaN in the P @ V product).
-    k = torch.where(valid[:, :, None, None], k, torch.zeros((), dtype=k.dtype, device=k.device))
-    v = torch.where(valid[:, :, None, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
+    k = k.masked_fill(~valid[:, :, None, None], 0)
+    v = v.masked_fill(~valid[:, :, None, None], 0)
     if g.any_delta:
         cos, sin = rope_cos_sin(g.delta, inv_freq)  # [B, L, D]
         k = rotate(k.float(), cos[:, :, None], sin[:, :, None]).to(q.dtype)
     # Pad the ragged queries into [B, Qmax].
-    cu = meta.cu_seqlens_q.long()
-    counts = cu[1:] - cu[:-1]
-    Q = max(meta.max_seqlen_q, 1)
-    row = torch.arange(T, device=q.device) - torch.repeat_interleave(cu[:-1], counts, output_size=T)
-    seq = torch.repeat_interleave(torch.arange(B, device=q.device), counts, output_size=T)
-    qp = q.new_zeros(B, Q, Hq, D)
+    qp = q.new_zeros(B, max(meta.max_seqlen_q, 1), Hq, D)
     qp[seq, row] = q
-    qpos = torch.full((B, Q), -1, dtype=torch.long, device=q.device)
-    qpos[seq, row] = meta.q_pos.long()
-    mask = g.pos.long()[:, None, :] <= qpos[:, :, None]  # [B, Q, L]
-    # Rows that see no key (padding rows, or a query before every key) would be NaN (softmax of
-    # nothing): let them see everything, then zero them below.
-    sees_nothing = ~mask.any(dim=-1, keepdim=True)  # [B, Q, 1]
-    mask = mask | sees_nothing
     out = torch.nn.functional.scaled_dot_product_attention(
         qp.transpose(1, 2), k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2),
         attn_mask=mask[:, None], scale=scale, enable_gqa=(Hq != Hkv))  # [B, Hq, Q, D]
     out = out.transpose(1, 2).masked_fill(sees_nothing[..., None], 0.0)  # [B, Q, Hq, D]
     return out[seq, row]
+
+
+def _step_masks(meta: AttentionMetadata, g, T: int):
+    """(seq [T], row [T], valid [B, L], mask [B, Q, L], sees_nothing [B, Q, 1]), once per step.
+
+    Every layer of a step shares them, so they are built on the first call and kept in
+    `meta.step_cache`.
+    """
+    cached = meta.step_cache.get("torch_masks")
+    if cached is not None:
+        return cached
+    B, device = meta.num_seqs, meta.q_pos.device
+    cu = meta.cu_seqlens_q.long()
+    counts = cu[1:] - cu[:-1]
+    Q = max(meta.max_seqlen_q, 1)
+    row = torch.arange(T, device=device) - torch.repeat_interleave(cu[:-1], counts, output_size=T)
+    seq = torch.repeat_interleave(torch.arange(B, device=device), counts, output_size=T)
+    qpos = torch.full((B, Q), -1, dtype=torch.long, device=device)
+    qpos[seq, row] = meta.q_pos.long()
+    valid = g.pos != PAD_POS  # [B, L]; padding gathers slot 0, whose contents may be garbage
+    mask = g.pos.long()[:, None, :] <= qpos[:, :, None]  # [B, Q, L]
+    # Rows that see no key (padding rows, or a query before every key) would be NaN (softmax of
+    # nothing): let them see everything, then zero them below.
+    sees_nothing = ~mask.any(dim=-1, keepdim=True)  # [B, Q, 1]
+    mask = mask | sees_nothing
+    meta.step_cache["torch_masks"] = (seq, row, valid, mask, sees_nothing)
+    return meta.step_cache["torch_masks"]
 
 
 def key_deviation_torch(k_fresh: torch.Tensor, k_cache: torch.Tensor, src_slots: torch.Tensor,
