@@ -129,7 +129,6 @@ class CollectorCounters:
     reference_tokens: int = 0  # tokens run through `check_layer` layers for deviation scoring
     reference_token_layers: int = 0
     scored_segments: int = 0
-    copied_tokens: int = 0  # re-rotated copies (pic, token scheme)
     seconds: float = 0.0
 
 

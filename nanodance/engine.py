@@ -185,7 +185,7 @@ class LLM:
             if plan is not None:
                 seq.layout = self._layout_fn(plan)
         self._prefilled_at = {}
-        self._run(seqs, use_tqdm)
+        self._run(seqs, use_tqdm, desc="round")
         t_end = time.perf_counter()
         if self.collector is not None:
             self.collector.release_round()
@@ -255,6 +255,9 @@ class LLM:
             "prefix_cache_queries": pool.counters.prefix_queries,
             "prefix_cache_hits": pool.counters.prefix_hits,
             "requests_finished": self.num_requests_finished,
+            "rounds": len(self.round_history),
+            "persistent_agents": len(self._agents),
+            **({f"collector_{k}": v for k, v in vars(self.collector.counters).items()} if self.collector else {}),
         }
 
     def release_agent(self, agent_id: Any) -> None:
@@ -391,7 +394,7 @@ class LLM:
                     f"{self.pool.block_size} = {capacity} tokens); raise kv_cache_blocks")
         return None
 
-    def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
+    def _run(self, seqs: list[Sequence], use_tqdm: bool, desc: str = "generate") -> None:
         for seq in seqs:
             problem = self._capacity_error(seq)
             if problem is not None:
@@ -399,7 +402,7 @@ class LLM:
                 seq.status, seq.finish_reason, seq.error = Status.FINISHED, "error", str(CapacityError(problem))
             else:
                 self.scheduler.add(seq)
-        bar = _progress(len(seqs), use_tqdm)
+        bar = _progress(len(seqs), use_tqdm, desc)
         done = sum(s.is_finished for s in seqs)
         bar.update(done)
         try:
@@ -471,9 +474,9 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, desc: str):
     """A tqdm bar over finished requests, shown only for calls with several requests."""
     if not enabled or total < 2:
         return _NoBar()
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc="generate", unit="req", leave=False)
+    return tqdm(total=total, desc=desc, unit="req", leave=False)

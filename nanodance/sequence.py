@@ -33,7 +33,7 @@ class Sequence:
     seq_id: int
     prompt_token_ids: list[int]
     params: SamplingParams
-    max_len: int  # prompt + output tokens never exceed this (max_model_len)
+    max_len: int  # generation stops once prompt + output reach this (a prompt of exactly max_len still samples one)
     prompt: object = None  # what the caller passed, echoed in the output
     output_token_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
