@@ -140,8 +140,6 @@ class LLM:
         token_ids = [self.encode_prompt(p, i) for i, p in enumerate(prompts)]
         seqs = [self._make_sequence(ids, p, prompt) for ids, p, prompt in zip(token_ids, params, prompts)]
         self._run(seqs, use_tqdm)
-        if self.collector is not None:
-            self.collector.release_outputs(keep={s.seq_id for s in seqs})
         return [self._output(s) for s in seqs]
 
     def run_round(self, prompts: Seq[Any], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -166,6 +164,7 @@ class LLM:
         seqs = [self._make_sequence(e.token_ids, p, prompt) for e, p, prompt in zip(encoded, params, prompts)]
         for seq, agent in zip(seqs, agent_ids):
             seq.agent_id = agent
+            seq.pin_output = self.collector is not None  # its output may be a producer master next round
         valid = [i for i, seq in enumerate(seqs) if self._capacity_error(seq) is None]
         owns = [self._own_cache(agent_ids[i], encoded[i].token_ids) for i in valid]
         plans = [None] * len(seqs)
@@ -260,6 +259,15 @@ class LLM:
             **({f"collector_{k}": v for k, v in vars(self.collector.counters).items()} if self.collector else {}),
         }
 
+    def release_round_outputs(self) -> None:
+        """Unpin the last round's output K/V (kept so the next round can use it as masters).
+
+        `run_round` does this itself for the round before; call it after the final round to
+        get the pool back to empty.
+        """
+        if self.collector is not None:
+            self.collector.release_outputs()
+
     def release_agent(self, agent_id: Any) -> None:
         """Forget a persistent agent's kept cache (its blocks are released)."""
         own = self._agents.pop(agent_id, None)
@@ -342,7 +350,7 @@ class LLM:
         """Before a finished sequence's blocks are released: pin what later rounds may reuse."""
         if seq.finish_reason in ("error", "abort") or seq.prefill_only:
             return
-        if self.collector is not None:
+        if seq.pin_output:
             ids = seq.output_token_ids[:-1] if seq.stopped_by_token else seq.output_token_ids
             self.collector.pin_output(seq, tuple(ids))
         if seq.agent_id is not None:

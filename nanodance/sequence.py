@@ -49,6 +49,7 @@ class Sequence:
     stopped_by_token: bool = False  # finished on eos / a stop token id (that token has no KV)
     error: str | None = None
     agent_id: object = None  # a persistent agent's id: its cache is kept when it finishes
+    pin_output: bool = False  # a round request: keep its output's K/V as a producer master candidate
     prefill_only: bool = False  # a master: compute the prompt's K/V, sample nothing, keep the views
     layout: object = None  # callable(seq) -> bool that lays out views at admission (round requests)
     decoder: object = None  # IncrementalDecoder, set by the engine when it has a tokenizer
