@@ -250,6 +250,7 @@ def materialize(seq: Sequence, plan: AgentPlan, pool: BlockPool, kv: KVCache, in
         match_prefix(seq)
     cached = seq.covered
     copies: list[tuple[int, int, int]] = []  # (src slot, dst slot, delta)
+    last_own: tuple[int, int] | None = None  # (block, frame0) of the last private block allocated here
     try:
         for run in plan.runs:
             start = max(run.start, seq.covered)
@@ -263,15 +264,26 @@ def materialize(seq: Sequence, plan: AgentPlan, pool: BlockPool, kv: KVCache, in
             src = run.master.slots(bs) if run.kind == "copy" else None
             pos = start
             while pos < run.end:
-                block = pool.allocate(frame0=pos)
-                length = min(bs, run.end - pos)
-                seq.add_view(View(block, 0, length, pos))
+                if last_own is not None and last_own[1] <= pos < last_own[1] + bs:
+                    # Still inside the frame of our last private block: use its free slots
+                    # (slot = position - frame0 keeps the delta 0) instead of a new block.
+                    block, lo = last_own[0], pos - last_own[1]
+                    pool.ref(block)
+                else:
+                    block, lo = pool.allocate(frame0=pos), 0
+                    last_own = (block, pos)
+                length = min(bs - lo, run.end - pos)
+                seq.add_view(View(block, lo, lo + length, pos))
                 if src is not None:
                     for j in range(length):
                         off = run.offset + pos + j - run.start
                         if off < len(src):  # a producer's last token has no K/V: it is recomputed
-                            copies.append((src[off], block * bs + j, pos + j - (run.master.start + off)))
+                            copies.append((src[off], block * bs + lo + j, pos + j - (run.master.start + off)))
                 pos += length
+        last = seq.views[-1] if seq.views else None
+        if last is not None and last_own is not None and last.block == last_own[0]:
+            # The prompt ends in our private block: let decode fill the rest of it.
+            seq.replace_views(seq.views[:-1] + [View(last.block, last.lo, bs, last.pos0)])
     except NoFreeBlocks:
         pool.release(seq.views)
         seq.replace_views([])
@@ -407,11 +419,15 @@ class Collector:
                     standalone[span.key] = span
         t_masters = time.perf_counter()
         if standalone:
-            sink = [self.model.config.bos_token_id] if cfg.master_sink and self.model.config.bos_token_id is not None else []
-            seqs = run_masters([sink + list(key) for key in standalone])
+            bos = self.model.config.bos_token_id
+            # A block first seen at position 0 is prefilled as it is (then it is exact for every
+            # agent that starts with it); elsewhere behind the sink token, when configured.
+            sinks = {key: [bos] if cfg.master_sink and bos is not None and span.start > 0 else []
+                     for key, span in standalone.items()}
+            seqs = run_masters([sinks[key] + list(key) for key in standalone])
             for key, seq in zip(standalone, seqs):
                 master = Master(key, list(seq.views), "standalone")  # takes over the sequence's references
-                self.pool.release(_trim_master(master, len(sink), len(key)))
+                self.pool.release(_trim_master(master, len(sinks[key]), len(key)))
                 masters[key] = master
                 self.round_masters.append(master)
                 self.counters.standalone_masters += 1
