@@ -168,30 +168,40 @@ class LLM:
         valid = [i for i, seq in enumerate(seqs) if self._capacity_error(seq) is None]
         owns = [self._own_cache(agent_ids[i], encoded[i].token_ids) for i in valid]
         plans = [None] * len(seqs)
-        if self.collector is not None:
-            got = self.collector.prepare_round([encoded[i].token_ids for i in valid], [encoded[i].spans for i in valid],
-                                               self._run_masters, owns)
-            for i, plan in zip(valid, got):
-                plans[i] = plan
-        else:
+        succeeded = False
+        try:
+            if self.collector is not None:
+                got = self.collector.prepare_round([encoded[i].token_ids for i in valid],
+                                                   [encoded[i].spans for i in valid], self._run_masters, owns)
+                for i, plan in zip(valid, got):
+                    plans[i] = plan
+            else:
+                for i, own in zip(valid, owns):
+                    if own is not None:
+                        plans[i] = plan_agent(len(encoded[i].token_ids), [], {}, {}, CollectorConfig(),
+                                              self.pool.block_size, own)
+            # Every master the round's layouts use (standalone ones and producers' outputs).
+            master_blocks = {(v.block, self.pool.blocks[v.block].serial) for p in plans if p is not None
+                             for r in p.runs if r.master is not None for v in r.master.views}
+            for seq, plan in zip(seqs, plans):
+                if plan is not None:
+                    seq.layout = self._layout_fn(plan)
+            self._prefilled_at = {}
+            self._run(seqs, use_tqdm, desc="round")
+            succeeded = True
+        finally:
+            t_end = time.perf_counter()
+            if self.collector is not None:
+                self.collector.release_round()
+                # After a failure the previous round's outputs stay usable for a retry.
+                self.collector.release_outputs(keep={s.seq_id for s in seqs} | (set() if succeeded else
+                                                                                  set(self.collector.outputs)))
             for i, own in zip(valid, owns):
-                if own is not None:
-                    plans[i] = plan_agent(len(encoded[i].token_ids), [], {}, {}, CollectorConfig(), self.pool.block_size,
-                                          own)
-        master_blocks = {(b, self.pool.blocks[b].serial) for m in (self.collector.round_masters if self.collector else [])
-                         for b in {v.block for v in m.views}}
-        for seq, plan in zip(seqs, plans):
-            if plan is not None:
-                seq.layout = self._layout_fn(plan)
-        self._prefilled_at = {}
-        self._run(seqs, use_tqdm, desc="round")
-        t_end = time.perf_counter()
-        if self.collector is not None:
-            self.collector.release_round()
-            self.collector.release_outputs(keep={s.seq_id for s in seqs})
-        for own in owns:
-            if own is not None and own.views:  # not taken (the agent failed before admission)
-                self.pool.release(own.take())
+                if own is not None and own.views:  # never admitted: give the kept cache back to its agent
+                    if agent_ids[i] not in self._agents:
+                        self._agents[agent_ids[i]] = own
+                    else:
+                        self.pool.release(own.take())
         done = [s for s in seqs if s.seq_id in self._prefilled_at]
         shared_lens = {span.key: span.length for e in encoded for span in e.spans}
         stats = round_stats(
@@ -341,6 +351,15 @@ class LLM:
         self._run(seqs, use_tqdm=False)
         return seqs
 
+    def _reclaim_kept_caches(self) -> bool:
+        """Under memory pressure, drop persistent agents' kept caches (they will recompute). True if any."""
+        if not self._agents:
+            return False
+        for agent_id in list(self._agents):
+            self.release_agent(agent_id)
+        logger.warning("KV pool full: dropped the kept caches of persistent agents to make room")
+        return True
+
     def _on_prefilled(self, seq: Sequence) -> None:
         n = seq.num_prompt_tokens
         blocks = [(v.block, self.pool.blocks[v.block].serial) for v in seq.views if v.pos0 < n]
@@ -416,8 +435,13 @@ class LLM:
         try:
             while self.scheduler.has_work():
                 chunks = self.scheduler.schedule()
+                if not chunks and self._reclaim_kept_caches():
+                    continue
                 if not chunks:
-                    raise RuntimeError("scheduler made no progress with work queued (an engine bug)")
+                    raise CapacityError(
+                        f"the KV pool ({self.pool.num_blocks} blocks, {self.pool.num_used} in use by running requests, "
+                        f"pinned round outputs and shared masters) cannot hold the next request; raise kv_cache_blocks "
+                        f"or run fewer agents per round")
                 tokens = self.runner.run(chunks)
                 finished = [s for s in self.scheduler.postprocess(chunks, tokens) if not s.prefill_only]
                 self.num_requests_finished += len(finished)

@@ -22,10 +22,10 @@ Specification:
   roomy and tight (preempting) pools, every block's ref count equals the references held by
   the pinned outputs and the kept agent caches; releasing all of them frees every block; a tight
   pool gives the tokens of a roomy one; kept caches never wedge the scheduler, and a round that
-  fails (even inside the collector) leaks nothing [xfail: known bugs];
+  fails (even inside the collector) leaks nothing;
 - accounting (round_stats) on a hand-computed example: dense / distinct / shared / private
   bytes, compression and its bound, prefill work computed / reused, masters; blocks of a
-  producer master count as shared [xfail: known bug];
+  producer master count as shared;
 - errors (RequestError): an empty round, Shared(3.5), Shared(output of another LLM), repeated
   persistent agent ids, recompute_ratio 1.5, an unknown reuse mode or scheme; after each the
   engine still runs a valid round and leaks nothing;
@@ -41,7 +41,7 @@ import torch
 
 from nanodance import LLM, SamplingParams, Shared, kernels
 from nanodance.collector import reference_keys
-from nanodance.errors import RequestError
+from nanodance.errors import CapacityError, RequestError
 from nanodance.segments import encode_segments
 from tiny_checkpoints import write_tiny_checkpoint
 
@@ -307,10 +307,6 @@ def test_ref_counts_over_rounds_with_persistent_agents_and_preemption(folder, re
     release_all(tight)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: kept agent caches and pinned outputs are never given up under "
-                                       "pressure: a pool that fits every single request (16 of 32 blocks) "
-                                       "dies with RuntimeError 'scheduler made no progress (an engine bug)', "
-                                       "and the aborted round leaks the references it took (owns, masters)")
 @pytest.mark.parametrize("reuse", ["none", "tokendance"])
 def test_tight_pool_with_kept_caches_degrades_instead_of_dying(folder, reuse):
     llm = make_llm(folder, reuse=reuse, kv_cache_blocks=32)
@@ -321,9 +317,6 @@ def test_tight_pool_with_kept_caches_degrades_instead_of_dying(folder, reuse):
         release_all(llm)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a round that dies in the collector (a standalone master that "
-                                       "cannot be prefilled while a kept agent cache holds blocks) raises "
-                                       "RuntimeError 'an engine bug' and leaks the kept cache it popped")
 def test_kept_cache_survives_a_round_whose_master_cannot_be_prefilled(folder):
     llm = make_llm(folder, reuse="tokendance", kv_cache_blocks=12, master="standalone")
     p0 = random_ids(8, seed=700)
@@ -332,8 +325,8 @@ def test_kept_cache_survives_a_round_whose_master_cannot_be_prefilled(folder):
     try:
         llm.run_round([[p0 + r0[0].token_ids, [5]], [[9], Shared(big)]], greedy(2), agents=["a", None],
                       use_tqdm=False)
-    except RequestError:
-        pass  # a clear refusal is fine (CapacityError would be too, if documented)
+    except CapacityError as e:
+        assert "kv_cache_blocks" in str(e)  # a clear refusal that names the fix
     finally:
         check_refs(llm)
         release_all(llm)
@@ -415,9 +408,6 @@ def test_accounting_pic_copies_every_shared_block(folder):
     release_all(llm)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (accounting): blocks of a producer master that only one agent "
-                                       "views count as that agent's private bytes, although the pinned output "
-                                       "(a master) references them; round_stats gets only standalone masters")
 def test_accounting_counts_producer_master_blocks_as_shared(folder):
     llm = make_llm(folder, reuse="tokendance", recompute_ratio=0.0)
     p = [random_ids(8, seed=710), random_ids(8, seed=711)]
