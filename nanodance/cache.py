@@ -187,7 +187,7 @@ class BlockPool:
 
         `holders` lists, per holder (a sequence's views, a master's pin...), the block ids it
         references once each; when given, every ref count must equal the number of holders'
-        references exactly.
+        references exactly (so no holder's view points at a free or cached block).
         """
         free, cached = set(self._free), set(self._cached)
         assert len(free) == len(self._free), "a block is twice in the free list"
@@ -200,6 +200,9 @@ class BlockPool:
                 assert b in cached, f"unused hashed block {b} is not in the cached LRU"
             else:
                 assert b in free, f"block {b} is lost: ref 0, not cached, not free"
+        used = sum(block.ref_count > 0 for block in self.blocks)
+        assert len(free) + len(cached) + used == self.num_blocks, (
+            f"free {len(free)} + cached {len(cached)} + used {used} != total {self.num_blocks}")
         for h, b in self._index.items():
             assert self.blocks[b].hash == h, f"index entry of block {b} is stale"
         expected = [0] * self.num_blocks

@@ -7,27 +7,46 @@
 
 A prompt is a string (tokenized as is, no special tokens added), a list of token ids, or a
 list of chat messages (rendered with the model's chat template, generation prompt added).
-Every prompt of a call is validated before any is enqueued, so a bad request raises and
-loses nothing; a request that can never fit (longer than `max_model_len` or the KV pool)
-returns an output with `finish_reason="error"` and the reason, while the others complete.
+
+Errors (nanodance/errors.py): every prompt of a call is validated before any is enqueued, so a
+bad request raises `RequestError` and loses nothing; a request that can never fit (longer than
+`max_model_len` or the KV pool, or too big for what the round's shared masters leave) returns
+an output with `finish_reason="error"` and the reason, while the others complete. Under memory
+pressure the engine first gives up what only saves work later (kept caches of persistent
+agents, pinned round outputs no layout of the call uses), then fails the request it cannot
+serve. After any error no block stays referenced that nothing holds (`check_invariants`).
+
+Abort: `generate` and `run_round` are synchronous; `on_step(outputs)` is called after every
+engine step with a snapshot of the call's requests (`finish_reason` None while running), and
+`llm.abort(request_id)`, from that callback or from another thread, stops a request at the
+next step boundary: it finishes with `finish_reason="abort"`, keeps the tokens it has, and its
+blocks are freed; the other requests (and agents of a round) are not disturbed.
+
+    def stop_rambling(outputs):
+        for out in outputs:
+            if out.finish_reason is None and len(out.token_ids) >= 20:
+                llm.abort(out.request_id)
+    llm.generate(prompts, sp, on_step=stop_rambling)
 
 Wiring: prompts -> `Sequence`s -> `Scheduler` (queues, blocks, prefix cache) -> `ModelRunner`
 (one forward per step) -> `Scheduler.postprocess` (tokens, stops) -> `RequestOutput`s.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence as Seq
+from typing import Any, Callable, Sequence as Seq
 
 import torch
 
 from nanodance.cache import BlockPool, KVCache
-from nanodance.collector import AgentCache, Collector, CollectorConfig, materialize, plan_agent
+from nanodance.collector import AgentCache, AgentPlan, Collector, CollectorConfig, materialize, plan_agent
 from nanodance.config import ModelConfig
 from nanodance.errors import CapacityError, ModelLoadError, RequestError
 from nanodance.runner import ModelRunner
@@ -53,13 +72,26 @@ class RequestOutput:
     prompt_token_ids: list[int]
     text: str
     token_ids: list[int]  # generated tokens (a final stop/eos token included)
-    finish_reason: str  # "stop" | "length" | "abort" | "error"
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"; None in `on_step` snapshots of running requests
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
     error: str | None = None
     stopped_by_token: bool = False  # the last token is an eos / stop id (not part of a Shared block)
-    engine_id: int = 0  # which LLM produced it (Shared(output) is only valid on that engine)
+    engine_id: str = ""  # which LLM produced it (Shared(output) is only valid on that engine)
+
+
+@dataclass
+class EngineCounters:
+    """How often the engine degraded or refused work instead of failing a whole call."""
+
+    kept_caches_dropped: int = 0  # persistent agents' kept caches released under pool pressure
+    outputs_unpinned: int = 0  # pinned round outputs released under pool pressure
+    requests_failed: int = 0  # requests finished with "error" (could never fit)
+    requests_aborted: int = 0  # requests finished with "abort"
+
+
+StepCallback = Callable[[list[RequestOutput]], None]
 
 
 class LLM:
@@ -72,8 +104,9 @@ class LLM:
         if reuse not in REUSE_MODES:
             raise RequestError(f"unknown reuse mode {reuse!r}; choose one of {REUSE_MODES}")
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
-                            ("max_num_batched_tokens", max_num_batched_tokens)):
-            if not isinstance(value, int) or value < 1:
+                            ("max_num_batched_tokens", max_num_batched_tokens), ("kv_cache_blocks", kv_cache_blocks),
+                            ("kv_cache_memory", kv_cache_memory), ("max_model_len", max_model_len)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise RequestError(f"{name} must be a positive int, got {value!r}")
         self.dtype = _resolve_dtype(dtype)
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -92,8 +125,6 @@ class LLM:
         block_bytes = KVCache.bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         if kv_cache_blocks is None:
             kv_cache_blocks = max(1, (kv_cache_memory or DEFAULT_KV_CACHE_MEMORY) // block_bytes)
-        if not isinstance(kv_cache_blocks, int) or kv_cache_blocks < 1:
-            raise RequestError(f"kv_cache_blocks must be a positive int, got {kv_cache_blocks!r}")
         self.block_bytes = block_bytes
         self.reuse = reuse
         # Every mode but "none" keeps vLLM-style prefix caching of exact leading blocks.
@@ -116,44 +147,61 @@ class LLM:
         self.scheduler.on_finish = self._on_finish
         self.scheduler.on_prefilled = self._on_prefilled
         self._agents: dict[Any, AgentCache] = {}  # persistent agents' kept caches
-        self._round_seqs: dict[int, Sequence] = {}  # sequences of the call in flight, by id
         self._prefilled_at: dict[int, tuple[float, list]] = {}  # seq id -> (time, prompt block keys)
         self.round_history: list[dict] = []
-        self._engine_id = id(self)
+        # Not id(self): an id is reused once an engine is collected, and an output of the dead
+        # engine would then pass for one of this engine.
+        self._engine_id = uuid.uuid4().hex
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
         self._ids = itertools.count()
         self.num_requests_finished = 0
+        self.counters = EngineCounters()
+        # The call in flight (one at a time): its requests by id, the aborts asked for them, the
+        # kept caches its agents took out of `_agents`, and its layouts by request id (None while
+        # the collector makes them: then no master or pinned output may be dropped).
+        self._busy = False
+        self._in_flight: dict[int, Sequence] = {}
+        self._abort_requests: set[int] = set()
+        self._owns_in_flight: list[AgentCache] = []
+        self._plans: dict[int, AgentPlan] | None = {}
 
     # ------------------------------------------------------------------ public API
 
     def generate(self, prompts: Any, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Complete every prompt; outputs come back in submission order."""
+                 use_tqdm: bool = True, on_step: StepCallback | None = None) -> list[RequestOutput]:
+        """Complete every prompt; outputs come back in submission order.
+
+        `on_step(outputs)`, if given, is called after every engine step with a snapshot of every
+        request of this call (see the module docstring); it may call `abort`. An exception it
+        raises aborts the whole call and propagates.
+        """
+        self._check_idle()
         if isinstance(prompts, str) or _is_token_ids(prompts) or _is_chat(prompts):
             prompts = [prompts]  # a single prompt
-        prompts = list(prompts)
-        if not prompts:
-            raise RequestError("generate() needs at least one prompt")
+        prompts = _prompt_list(prompts, "generate()")
         if any(is_segment_prompt(p) or not _is_plain_prompt(p) for p in prompts):
-            return self.run_round(prompts, sampling_params, use_tqdm=use_tqdm)  # a round of its own
+            return self.run_round(prompts, sampling_params, use_tqdm=use_tqdm, on_step=on_step)  # a round of its own
         params = self._params_per_prompt(sampling_params, len(prompts))
         token_ids = [self.encode_prompt(p, i) for i, p in enumerate(prompts)]
         seqs = [self._make_sequence(ids, p, prompt) for ids, p, prompt in zip(token_ids, params, prompts)]
-        self._run(seqs, use_tqdm)
+        with self._serving(seqs):
+            self._run(seqs, use_tqdm, on_step=on_step)
         return [self._output(s) for s in seqs]
 
     def run_round(self, prompts: Seq[Any], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                  agents: Seq[Any] | None = None, use_tqdm: bool = True) -> RoundOutputs:
+                  agents: Seq[Any] | None = None, use_tqdm: bool = True,
+                  on_step: StepCallback | None = None) -> RoundOutputs:
         """One synchronized round of agents; outputs in prompt order, accounting in `.stats`.
 
         `prompts[i]` is a list of segments (strings are private, `Shared(x)` are shared blocks)
         or chat messages whose contents may hold `Shared` parts. `agents[i]`, when not None,
         makes agent i persistent: its cache is kept after the round, and reused by its next
-        prompt as far as that prompt repeats the tokens it has seen.
+        prompt as far as that prompt repeats the tokens it has seen. `on_step` is as in
+        `generate`; an aborted agent keeps no cache and pins no output (its blocks are freed,
+        the masters the others read stay).
         """
-        prompts = list(prompts)
-        if not prompts:
-            raise RequestError("a round needs at least one prompt")
+        self._check_idle()
+        prompts = _prompt_list(prompts, "a round")
         params = self._params_per_prompt(sampling_params, len(prompts))
         agent_ids = self._check_agents(agents, len(prompts))
         encoded = [self._encode_round_prompt(p, i) for i, p in enumerate(prompts)]
@@ -166,42 +214,47 @@ class LLM:
             seq.agent_id = agent
             seq.pin_output = self.collector is not None  # its output may be a producer master next round
         valid = [i for i, seq in enumerate(seqs) if self._capacity_error(seq) is None]
-        owns = [self._own_cache(agent_ids[i], encoded[i].token_ids) for i in valid]
         plans = [None] * len(seqs)
+        master_blocks: set = set()
         succeeded = False
-        try:
-            if self.collector is not None:
-                got = self.collector.prepare_round([encoded[i].token_ids for i in valid],
-                                                   [encoded[i].spans for i in valid], self._run_masters, owns)
-                for i, plan in zip(valid, got):
-                    plans[i] = plan
-            else:
+        with self._serving(seqs):
+            owns = [self._own_cache(agent_ids[i], encoded[i].token_ids) for i in valid]
+            self._owns_in_flight = [own for own in owns if own is not None]
+            self._plans = None  # the collector picks producer masters among the pinned outputs first
+            try:
+                if self.collector is not None:
+                    got = self.collector.prepare_round([encoded[i].token_ids for i in valid],
+                                                       [encoded[i].spans for i in valid], self._run_masters, owns)
+                    for i, plan in zip(valid, got):
+                        plans[i] = plan
+                else:
+                    for i, own in zip(valid, owns):
+                        if own is not None:
+                            plans[i] = plan_agent(len(encoded[i].token_ids), [], {}, {}, CollectorConfig(),
+                                                  self.pool.block_size, own)
+                self._plans = {seq.seq_id: plan for seq, plan in zip(seqs, plans) if plan is not None}
+                # Every master the round's layouts use (standalone ones and producers' outputs).
+                master_blocks = {(v.block, self.pool.blocks[v.block].serial) for p in plans if p is not None
+                                 for r in p.runs if r.master is not None for v in r.master.views}
+                for seq, plan in zip(seqs, plans):
+                    if plan is not None:
+                        seq.layout = self._layout_fn(plan)
+                self._prefilled_at = {}
+                self._run(seqs, use_tqdm, desc="round", on_step=on_step)
+                succeeded = True
+            finally:
+                t_end = time.perf_counter()
+                if self.collector is not None:
+                    self.collector.release_round()
+                    # After a failure the previous round's outputs stay usable for a retry.
+                    self.collector.release_outputs(keep={s.seq_id for s in seqs} | (set() if succeeded else
+                                                                                      set(self.collector.outputs)))
                 for i, own in zip(valid, owns):
-                    if own is not None:
-                        plans[i] = plan_agent(len(encoded[i].token_ids), [], {}, {}, CollectorConfig(),
-                                              self.pool.block_size, own)
-            # Every master the round's layouts use (standalone ones and producers' outputs).
-            master_blocks = {(v.block, self.pool.blocks[v.block].serial) for p in plans if p is not None
-                             for r in p.runs if r.master is not None for v in r.master.views}
-            for seq, plan in zip(seqs, plans):
-                if plan is not None:
-                    seq.layout = self._layout_fn(plan)
-            self._prefilled_at = {}
-            self._run(seqs, use_tqdm, desc="round")
-            succeeded = True
-        finally:
-            t_end = time.perf_counter()
-            if self.collector is not None:
-                self.collector.release_round()
-                # After a failure the previous round's outputs stay usable for a retry.
-                self.collector.release_outputs(keep={s.seq_id for s in seqs} | (set() if succeeded else
-                                                                                  set(self.collector.outputs)))
-            for i, own in zip(valid, owns):
-                if own is not None and own.views:  # never admitted: give the kept cache back to its agent
-                    if agent_ids[i] not in self._agents:
-                        self._agents[agent_ids[i]] = own
-                    else:
-                        self.pool.release(own.take())
+                    if own is not None and own.views:  # never admitted: give the kept cache back to its agent
+                        if agent_ids[i] not in self._agents:
+                            self._agents[agent_ids[i]] = own
+                        else:
+                            self.pool.release(own.take())
         done = [s for s in seqs if s.seq_id in self._prefilled_at]
         shared_lens = {span.key: span.length for e in encoded for span in e.spans}
         stats = round_stats(
@@ -266,6 +319,7 @@ class LLM:
             "requests_finished": self.num_requests_finished,
             "rounds": len(self.round_history),
             "persistent_agents": len(self._agents),
+            **vars(self.counters),
             **({f"collector_{k}": v for k, v in vars(self.collector.counters).items()} if self.collector else {}),
         }
 
@@ -287,17 +341,71 @@ class LLM:
     def reset_prefix_cache(self) -> None:
         self.pool.reset_prefix_cache()
 
+    def abort(self, request_id: int) -> bool:
+        """Stop a request of the call in flight at the next step boundary (see the module docstring).
+
+        It finishes with `finish_reason="abort"` and the tokens it has; its blocks are freed (a
+        persistent agent's cache is not kept, an aborted round output is not pinned). Call it
+        from `on_step` or from another thread (it only records the id). True if the request
+        was still unfinished, False for an unknown or finished one.
+        """
+        seq = self._in_flight.get(request_id)
+        if seq is None or seq.is_finished:
+            return False
+        self._abort_requests.add(request_id)
+        return True
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError unless every block's ref count equals the references held to it.
+
+        Holders: queued requests' views, standalone masters of the round in flight, pinned round
+        outputs, persistent agents' kept caches (also those a round took out but did not use
+        yet). Between calls and from `on_step`, this is the whole truth about the pool.
+        """
+        sc = self.scheduler
+        held = [s.views for s in (*sc.running, *sc.waiting)]
+        held += [own.views for own in (*self._agents.values(), *self._owns_in_flight)]
+        if self.collector is not None:
+            held += [m.views for m in (*self.collector.outputs.values(), *self.collector.round_masters)]
+        self.pool.check_invariants(holders=[[v.block for v in views] for views in held])
+
     # ------------------------------------------------------------------ internals
+
+    def _check_idle(self) -> None:
+        if self._busy:
+            raise RequestError("this LLM is already running a generate() or run_round() call (called from on_step?); "
+                               "it serves one call at a time")
+
+    @contextlib.contextmanager
+    def _serving(self, seqs: list[Sequence]):
+        """Mark `seqs` as the call in flight (abortable); forget them and their aborts after."""
+        self._busy = True
+        self._in_flight = {s.seq_id: s for s in seqs}
+        try:
+            yield
+        finally:
+            self._busy = False
+            self._in_flight = {}
+            self._abort_requests.clear()
+            self._owns_in_flight = []
+            self._plans = {}
 
     # ------------------------------------------------------------------ rounds
 
     def _check_agents(self, agents, n: int) -> list:
         if agents is None:
             return [None] * n
+        if isinstance(agents, (str, bytes)):
+            raise RequestError("agents must be a list of ids (one per prompt, None for a one-shot agent), not a string")
         agents = list(agents)
         if len(agents) != n:
             raise RequestError(f"agents has {len(agents)} ids for {n} prompts")
         named = [a for a in agents if a is not None]
+        for a in named:
+            try:
+                hash(a)
+            except TypeError:
+                raise RequestError(f"persistent agent ids must be hashable (a str or an int), got {a!r}") from None
         dupes = sorted({repr(a) for a in named if named.count(a) > 1})
         if dupes:
             raise RequestError(f"persistent agent ids must be unique within a round; repeated: {dupes}")
@@ -351,14 +459,56 @@ class LLM:
         self._run(seqs, use_tqdm=False)
         return seqs
 
-    def _reclaim_kept_caches(self) -> bool:
-        """Under memory pressure, drop persistent agents' kept caches (they will recompute). True if any."""
-        if not self._agents:
+    def _relieve_pressure(self) -> bool:
+        """The pool is stuck: free what only saves work later. True if anything was freed.
+
+        First the kept caches of persistent agents (those of agents not in this call, and those
+        this round's agents have not used yet: they recompute), then the masters and pinned
+        round outputs that no unfinished request of this call lays out (a running one may
+        still be preempted and laid out again); a pinned output's next use prefills it instead.
+        """
+        kept = [own for own in (*self._agents.values(), *self._owns_in_flight) if own.views]
+        if kept:
+            for own in kept:
+                self.pool.release(own.take())
+            self._agents.clear()
+            self.counters.kept_caches_dropped += len(kept)
+            logger.warning("KV pool full: dropped %d kept caches of persistent agents to make room", len(kept))
+            return True
+        if self.collector is None or self._plans is None:
             return False
-        for agent_id in list(self._agents):
-            self.release_agent(agent_id)
-        logger.warning("KV pool full: dropped the kept caches of persistent agents to make room")
-        return True
+        needed = {id(r.master) for rid, plan in self._plans.items() if not self._in_flight[rid].is_finished
+                  for r in plan.runs if r.master is not None}
+        col = self.collector
+        idle_outputs = [rid for rid, m in col.outputs.items() if id(m) not in needed]
+        idle_masters = [m for m in col.round_masters if id(m) not in needed]
+        for rid in idle_outputs:
+            self.pool.release(col.outputs.pop(rid).views)
+        for m in idle_masters:
+            col.round_masters.remove(m)
+            self.pool.release(m.views)
+        self.counters.outputs_unpinned += len(idle_outputs)
+        if idle_outputs or idle_masters:
+            logger.warning("KV pool full: released %d pinned round outputs and %d masters no waiting request needs",
+                           len(idle_outputs), len(idle_masters))
+        return bool(idle_outputs or idle_masters)
+
+    def _fail_head_of_line(self) -> None:
+        """Nothing runs and the first waiting request cannot be admitted: it fails alone."""
+        if not self.scheduler.waiting:
+            raise RuntimeError("engine bug: a step scheduled nothing, yet no request waits")
+        seq = self.scheduler.waiting[0]
+        pool = self.pool
+        need = math.ceil(seq.num_tokens / pool.block_size)
+        problem = (f"request {seq.seq_id} ({seq.num_tokens} tokens, about {need} blocks) cannot get KV blocks: "
+                   f"{pool.num_used} of the pool's {pool.num_blocks} blocks are held by the shared masters that "
+                   f"this round's waiting requests need; raise kv_cache_blocks or run fewer agents (or shorter "
+                   f"shared blocks) per round")
+        if seq.prefill_only:
+            raise CapacityError(f"a shared block cannot be prefilled: {problem}")
+        logger.warning("request %d failed: %s", seq.seq_id, problem)
+        self.scheduler.abort(seq, "error", str(CapacityError(problem)))
+        self.counters.requests_failed += 1
 
     def _on_prefilled(self, seq: Sequence) -> None:
         n = seq.num_prompt_tokens
@@ -387,7 +537,11 @@ class LLM:
         if sampling_params is None:
             return [SamplingParams() for _ in range(n)]
         if isinstance(sampling_params, SamplingParams):
+            sampling_params.validate()  # it may have been changed since it was built
             return [sampling_params] * n
+        if not isinstance(sampling_params, (list, tuple)):
+            raise RequestError(f"sampling_params must be one SamplingParams or a list of {n} of them, "
+                               f"got {type(sampling_params).__name__}")
         params = list(sampling_params)
         if len(params) != n or not all(isinstance(p, SamplingParams) for p in params):
             raise RequestError(f"sampling_params must be one SamplingParams or a list of {n} of them")
@@ -421,37 +575,49 @@ class LLM:
                     f"{self.pool.block_size} = {capacity} tokens); raise kv_cache_blocks")
         return None
 
-    def _run(self, seqs: list[Sequence], use_tqdm: bool, desc: str = "generate") -> None:
+    def _run(self, seqs: list[Sequence], use_tqdm: bool, desc: str = "generate",
+             on_step: StepCallback | None = None) -> None:
         for seq in seqs:
+            if seq.is_finished:  # aborted before it was queued (while the collector ran)
+                continue
             problem = self._capacity_error(seq)
             if problem is not None:
                 logger.warning("request %d failed: %s", seq.seq_id, problem)
                 seq.status, seq.finish_reason, seq.error = Status.FINISHED, "error", str(CapacityError(problem))
+                self.counters.requests_failed += 1
             else:
                 self.scheduler.add(seq)
         bar = _progress(len(seqs), use_tqdm, desc)
-        done = sum(s.is_finished for s in seqs)
-        bar.update(done)
+        bar.update(sum(s.is_finished for s in seqs))
         try:
-            while self.scheduler.has_work():
+            while True:
+                self._apply_aborts()
+                if not self.scheduler.has_work():
+                    break
                 chunks = self.scheduler.schedule()
-                if not chunks and self._reclaim_kept_caches():
-                    continue
                 if not chunks:
-                    raise CapacityError(
-                        f"the KV pool ({self.pool.num_blocks} blocks, {self.pool.num_used} in use by running requests, "
-                        f"pinned round outputs and shared masters) cannot hold the next request; raise kv_cache_blocks "
-                        f"or run fewer agents per round")
+                    if not self._relieve_pressure():
+                        self._fail_head_of_line()
+                    continue
                 tokens = self.runner.run(chunks)
                 finished = [s for s in self.scheduler.postprocess(chunks, tokens) if not s.prefill_only]
                 self.num_requests_finished += len(finished)
                 bar.update(len(finished))
+                if on_step is not None:
+                    on_step([self._output(s) for s in seqs])
         finally:
             bar.close()
             # On an exception (or Ctrl-C) nothing may stay half-run holding blocks.
             for seq in seqs:
                 if not seq.is_finished:
                     self.scheduler.abort(seq)
+
+    def _apply_aborts(self) -> None:
+        while self._abort_requests:
+            seq = self._in_flight.get(self._abort_requests.pop())
+            if seq is not None and not seq.is_finished:
+                self.scheduler.abort(seq)
+                self.counters.requests_aborted += 1
 
     def _output(self, seq: Sequence) -> RequestOutput:
         return RequestOutput(
@@ -460,6 +626,19 @@ class LLM:
             num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
             num_preemptions=seq.num_preemptions, error=seq.error, stopped_by_token=seq.stopped_by_token,
             engine_id=self._engine_id)
+
+
+def _prompt_list(prompts: Any, what: str) -> list:
+    bad = RequestError(f"{what} takes a list of prompts, got {type(prompts).__name__}")
+    if isinstance(prompts, (str, bytes, dict)):
+        raise bad
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise bad from None
+    if not prompts:
+        raise RequestError(f"{what} needs at least one prompt")
+    return prompts
 
 
 def _inside_span(run, plan) -> bool:

@@ -29,13 +29,21 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
         self.validate()
 
     def validate(self) -> None:
+        """Normalize stop / stop_token_ids to lists; RequestError naming the first invalid field.
+
+        The engine calls it again when the params are used: they may have been changed since.
+        """
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple, type(None))):
+            raise RequestError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, (list, tuple, type(None))):
+            raise RequestError(f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}")
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
         if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
             raise RequestError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:

@@ -65,15 +65,19 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def abort(self, seq: Sequence) -> None:
-        """Stop `seq` wherever it is and free its blocks (its output keeps what it has)."""
+    def abort(self, seq: Sequence, reason: str = "abort", error: str | None = None) -> None:
+        """Stop `seq` wherever it is (running, waiting, or not queued yet) and free its blocks.
+
+        Its output keeps the tokens it has; `reason` becomes its finish reason ("abort", or
+        "error" with `error` for a request the pool can never serve).
+        """
         if seq.status is Status.FINISHED:
             return
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self._finish(seq, "abort")
+        self._finish(seq, reason, error)
 
     # ------------------------------------------------------------------ one step
 
