@@ -244,11 +244,13 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if seq.decoder is not None:
             seq.text += seq.decoder.flush()
+        # The reason first: `on_finish` must not keep the K/V of an aborted or failed sequence
+        # (its views may cover positions that were never computed).
+        seq.finish_reason = reason
+        seq.error = error
         if self.on_finish is not None:
             self.on_finish(seq)
         self.pool.release(seq.views)
         seq.replace_views([])
         seq.pending = []
         seq.status = Status.FINISHED
-        seq.finish_reason = reason
-        seq.error = error
