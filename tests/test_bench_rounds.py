@@ -1,0 +1,44 @@
+"""Smoke test of bench/rounds.py: a 3-agent debate round with 20-token answers (so every shared
+answer fills a whole block) runs all four modes, prints the table and writes the JSON. Timings are
+not checked (noise at this size); the accounting and the exact modes are."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from fixtures_default_model import default_model_dir  # noqa: F401
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "rounds.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_rounds", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rounds_smoke(default_model_dir, tmp_path, capsys):  # noqa: F811
+    bench = _load_bench()
+    out = tmp_path / "rounds.json"
+    assert bench.main(["--agents", "3", "--answer-tokens", "20", "--round1-tokens", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "reproduce: python bench/rounds.py --agents 3" in printed
+    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["none", "prefix", "pic r=0.15 block", "tokendance r=0.15 block producer"]
+    none, prefix, pic, td = rows.values()
+    assert all(r["round0_identical"] for r in rows.values())  # fidelity is measured on identical inputs
+    # none is the reference; prefix mode is exact, so it agrees with none completely.
+    for exact_mode in (none, prefix):
+        assert exact_mode["agree"] == 1.0 and exact_mode["exact"] == 1.0 and abs(exact_mode["kl"]) < 1e-6
+    # Every mode prefills the same prompts; reuse only lowers what is computed.
+    assert td["stats"]["prompt_tokens"] == none["stats"]["prompt_tokens"]
+    assert none["stats"]["prefill_tokens_computed"] == none["stats"]["prompt_tokens"]
+    assert td["stats"]["prefill_tokens_computed"] < prefix["stats"]["prefill_tokens_computed"]
+    assert td["stats"]["prefill_tokens_recomputed"] > 0 and pic["stats"]["prefill_tokens_recomputed"] > 0
+    # pic copies every shared answer into each agent's blocks; tokendance views one master. (Against
+    # prefix, 20-token answers are too short to win: the recomputed first block of each is most of
+    # it. The README's 128-token run is where that comparison is made.)
+    assert td["stats"]["distinct_kv_bytes"] < pic["stats"]["distinct_kv_bytes"]
+    assert td["stats"]["compression"] <= td["stats"]["compression_bound"]
