@@ -182,12 +182,13 @@ class BlockPool:
 
     # ------------------------------------------------------------------ checks
 
-    def check_invariants(self, holders: Iterable[Iterable[int]] = ()) -> None:
+    def check_invariants(self, holders: Iterable[Iterable[int]] | None = None) -> None:
         """Raise AssertionError unless the pool is consistent.
 
         `holders` lists, per holder (a sequence's views, a master's pin...), the block ids it
-        references once each; when given, every ref count must equal the number of holders'
-        references exactly (so no holder's view points at a free or cached block).
+        references once each; when given (an empty list included: then no block may be
+        referenced), every ref count must equal the number of holders' references exactly (so
+        no holder's view points at a free or cached block).
         """
         free, cached = set(self._free), set(self._cached)
         assert len(free) == len(self._free), "a block is twice in the free list"
@@ -205,13 +206,11 @@ class BlockPool:
             f"free {len(free)} + cached {len(cached)} + used {used} != total {self.num_blocks}")
         for h, b in self._index.items():
             assert self.blocks[b].hash == h, f"index entry of block {b} is stale"
-        expected = [0] * self.num_blocks
-        given = False
-        for held in holders:
-            given = True
-            for b in held:
-                expected[b] += 1
-        if given:
+        if holders is not None:
+            expected = [0] * self.num_blocks
+            for held in holders:
+                for b in held:
+                    expected[b] += 1
             actual = [blk.ref_count for blk in self.blocks]
             bad = [(b, actual[b], expected[b]) for b in range(self.num_blocks) if actual[b] != expected[b]]
             assert not bad, f"ref counts differ from holders (block, ref, expected): {bad[:8]}"
