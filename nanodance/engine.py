@@ -415,9 +415,9 @@ class LLM:
         if _is_plain_prompt(prompt) and not is_segment_prompt(prompt):
             return EncodedPrompt(self.encode_prompt(prompt, index), [])
         enc = encode_segments(prompt, self.tokenizer, index)
-        for span in enc.spans:
-            if span.source is not None and getattr(span.source, "engine_id", None) != self._engine_id:
-                raise RequestError(f"prompt {index}: Shared(output) of request {span.source.request_id} was produced "
+        for output in enc.outputs:  # an empty one too: it is the same mistake
+            if getattr(output, "engine_id", None) != self._engine_id:
+                raise RequestError(f"prompt {index}: Shared(output) of request {output.request_id} was produced "
                                    f"by a different LLM instance; pass its text or token ids instead")
         bad = [t for t in enc.token_ids if not 0 <= t < self.config.vocab_size]
         if bad:
@@ -456,7 +456,14 @@ class LLM:
             if problem is not None:
                 raise CapacityError(f"a shared block cannot be prefilled: {problem}")
             seqs.append(seq)
-        self._run(seqs, use_tqdm=False)
+        try:
+            self._run(seqs, use_tqdm=False)
+        except BaseException:
+            # The masters prefilled before the failure hold views that nobody will take over.
+            for seq in seqs:
+                self.pool.release(seq.views)
+                seq.replace_views([])
+            raise
         return seqs
 
     def _relieve_pressure(self) -> bool:
@@ -500,12 +507,15 @@ class LLM:
         seq = self.scheduler.waiting[0]
         pool = self.pool
         need = math.ceil(seq.num_tokens / pool.block_size)
+        if seq.prefill_only:
+            raise CapacityError(
+                f"a shared block of {seq.num_tokens} tokens (about {need} blocks) cannot be prefilled: {pool.num_used} "
+                f"of the pool's {pool.num_blocks} blocks hold the round's other masters and the pinned outputs it "
+                f"reuses; raise kv_cache_blocks or use fewer or shorter shared blocks per round")
         problem = (f"request {seq.seq_id} ({seq.num_tokens} tokens, about {need} blocks) cannot get KV blocks: "
                    f"{pool.num_used} of the pool's {pool.num_blocks} blocks are held by the shared masters that "
                    f"this round's waiting requests need; raise kv_cache_blocks or run fewer agents (or shorter "
                    f"shared blocks) per round")
-        if seq.prefill_only:
-            raise CapacityError(f"a shared block cannot be prefilled: {problem}")
         logger.warning("request %d failed: %s", seq.seq_id, problem)
         self.scheduler.abort(seq, "error", str(CapacityError(problem)))
         self.counters.requests_failed += 1

@@ -16,7 +16,7 @@ token ids in every prompt (BPE cannot merge across a boundary), at whatever posi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from nanodance.errors import RequestError
@@ -59,6 +59,7 @@ class SharedSpan:
 class EncodedPrompt:
     token_ids: list[int]
     spans: list[SharedSpan]
+    outputs: list = field(default_factory=list)  # every earlier output it shares, empty ones included
 
 
 def shared_token_ids(value: Any, tokenizer) -> list[int]:
@@ -102,8 +103,11 @@ def encode_segments(prompt: Any, tokenizer, index: int = 0) -> EncodedPrompt:
         pieces = list(prompt)
     ids: list[int] = []
     spans: list[SharedSpan] = []
+    outputs = []
     for piece in pieces:
         if isinstance(piece, Shared):
+            if _is_output(piece.value):
+                outputs.append(piece.value)
             block = shared_token_ids(piece.value, tokenizer)
             if not block:
                 if _is_output(piece.value):
@@ -126,7 +130,7 @@ def encode_segments(prompt: Any, tokenizer, index: int = 0) -> EncodedPrompt:
                                f"got {type(piece).__name__}")
     if not ids:
         raise RequestError(f"prompt {index} has no tokens")
-    return EncodedPrompt(ids, spans)
+    return EncodedPrompt(ids, spans, outputs)
 
 
 _PLACEHOLDER = "\u2063nanodance-shared-{}\u2063"  # invisible separator: never in real text
