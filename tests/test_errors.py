@@ -22,14 +22,16 @@ Requests, `RequestError` unless noted (nothing of the call is run):
   max_model_len; the others complete with the tokens they get alone;
 - a request that cannot fit the whole KV pool fails alone the same way, in `generate` and in a
   round under every reuse mode, naming kv_cache_blocks; so does a round request that cannot fit
-  next to the shared masters it needs (a `CapacityError` message, the others complete).
+  next to the shared masters it needs (a `CapacityError` message, the others complete); shared
+  blocks whose masters cannot all be prefilled together fail the round with a `CapacityError`
+  (a `RuntimeError`) naming kv_cache_blocks, and the masters already prefilled are freed.
 Sampling params, `RequestError` naming the parameter, at construction and when a changed one
 is passed in: negative temperature, top_p outside (0, 1], top_k 0 or below -1, max_tokens < 1,
 stop strings (and stop token ids) of the wrong type; sampling_params that are not
 SamplingParams.
 Round misuse, `RequestError`: an empty round; `Shared` of an unsupported type (and a bare
-output or a number as a segment); a `Shared` output of another engine instance (engine ids are
-never reused, even after an engine is collected); repeated or unhashable persistent agent ids;
+output or a number as a segment); a `Shared` output of another engine instance, even an empty
+one (engine ids are never reused, even after an engine is collected); repeated or unhashable persistent agent ids;
 `recompute_ratio` outside [0, 1]; an unknown `reuse` mode (the choices are listed); other
 invalid engine options.
 Preparation: a default-model preparation that fails half-way raises `PrepareError` with the
@@ -291,6 +293,16 @@ def test_a_round_request_that_cannot_fit_next_to_its_masters_fails_alone(folder)
     assert_usable(llm)
 
 
+def test_shared_blocks_whose_masters_cannot_be_prefilled_together_fail_the_round_and_free_them(folder):
+    """Standalone masters of 21 and 31 tokens (with their sink) need 6 + 8 blocks of a 12-block pool."""
+    llm = make_llm(folder, kv_cache_blocks=12, master="standalone")
+    first, second = ids(20, seed=13), ids(30, seed=14)
+    with raises(CapacityError, "shared block", "kv_cache_blocks"):
+        llm.run_round([[[5], Shared(first)], [[6], Shared(second)]], GREEDY, use_tqdm=False)
+    assert llm.pool.num_used == 0  # the first master, prefilled before the second failed, is freed
+    assert_usable(llm)
+
+
 # --- sampling params ------------------------------------------------------------------------------
 
 BAD_PARAMS = [
@@ -352,6 +364,10 @@ def test_a_shared_output_of_another_engine_is_refused(folder, engine):
     # Passing its token ids is the fix.
     ok = engine.run_round([[ids(4, seed=12), Shared(foreign.token_ids)]], GREEDY, use_tqdm=False)[0]
     assert ok.finish_reason == "length"
+    failed = other.generate([ids(600, seed=15)], GREEDY, use_tqdm=False)[0]  # too long: no tokens at all
+    assert failed.finish_reason == "error" and failed.token_ids == []
+    with raises(RequestError, "different LLM instance"):
+        engine.run_round([[ids(4, seed=12), Shared(failed)]], GREEDY, use_tqdm=False)
     assert_usable(engine)
     assert_usable(other)
 
