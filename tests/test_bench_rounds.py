@@ -1,4 +1,4 @@
-"""Smoke test of bench/rounds.py: a 3-agent debate round with 20-token answers (so every shared
+"""Smoke test of bench/rounds.py: a 3-agent debate round with 40-token answers (so every shared
 answer fills a whole block) runs all four modes, prints the table and writes the JSON. Timings are
 not checked (noise at this size); the accounting and the exact modes are."""
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _load_bench():
 def test_rounds_smoke(default_model_dir, tmp_path, capsys):  # noqa: F811
     bench = _load_bench()
     out = tmp_path / "rounds.json"
-    assert bench.main(["--agents", "3", "--answer-tokens", "20", "--round1-tokens", "2", "--out", str(out)]) == 0
+    assert bench.main(["--agents", "3", "--answer-tokens", "40", "--round1-tokens", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "reproduce: python bench/rounds.py --agents 3" in printed
     rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
@@ -38,7 +38,7 @@ def test_rounds_smoke(default_model_dir, tmp_path, capsys):  # noqa: F811
     assert td["stats"]["prefill_tokens_computed"] < prefix["stats"]["prefill_tokens_computed"]
     assert td["stats"]["prefill_tokens_recomputed"] > 0 and pic["stats"]["prefill_tokens_recomputed"] > 0
     # pic copies every shared answer into each agent's blocks; tokendance views one master. (Against
-    # prefix, 20-token answers are too short to win: the recomputed first block of each is most of
+    # prefix, these answers are too short to win: the recomputed first block of each is most of
     # it. The README's 128-token run is where that comparison is made.)
     assert td["stats"]["distinct_kv_bytes"] < pic["stats"]["distinct_kv_bytes"]
     assert td["stats"]["compression"] <= td["stats"]["compression_bound"]
