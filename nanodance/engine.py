@@ -13,8 +13,10 @@ bad request raises `RequestError` and loses nothing; a request that can never fi
 `max_model_len` or the KV pool, or too big for what the round's shared masters leave) returns
 an output with `finish_reason="error"` and the reason, while the others complete. Under memory
 pressure the engine first gives up what only saves work later (kept caches of persistent
-agents, pinned round outputs no layout of the call uses), then fails the request it cannot
-serve. After any error no block stays referenced that nothing holds (`check_invariants`).
+agents, then pinned round outputs and masters that no unfinished request of the call lays
+out), then fails the request it cannot serve; only shared blocks whose masters cannot be
+prefilled at all fail a whole round (`CapacityError`). After any error no block stays
+referenced that nothing holds (`check_invariants`).
 
 Abort: `generate` and `run_round` are synchronous; `on_step(outputs)` is called after every
 engine step with a snapshot of the call's requests (`finish_reason` None while running), and
@@ -598,7 +600,8 @@ class LLM:
             else:
                 self.scheduler.add(seq)
         bar = _progress(len(seqs), use_tqdm, desc)
-        bar.update(sum(s.is_finished for s in seqs))
+        done = sum(s.is_finished for s in seqs)
+        bar.update(done)
         try:
             while True:
                 self._apply_aborts()
@@ -608,19 +611,22 @@ class LLM:
                 if not chunks:
                     if not self._relieve_pressure():
                         self._fail_head_of_line()
-                    continue
-                tokens = self.runner.run(chunks)
-                finished = [s for s in self.scheduler.postprocess(chunks, tokens) if not s.prefill_only]
-                self.num_requests_finished += len(finished)
-                bar.update(len(finished))
-                if on_step is not None:
-                    on_step([self._output(s) for s in seqs])
+                else:
+                    tokens = self.runner.run(chunks)
+                    finished = [s for s in self.scheduler.postprocess(chunks, tokens) if not s.prefill_only]
+                    self.num_requests_finished += len(finished)
+                    if on_step is not None:
+                        on_step([self._output(s) for s in seqs])
+                now = sum(s.is_finished for s in seqs)  # finished, aborted or failed
+                bar.update(now - done)
+                done = now
         finally:
             bar.close()
             # On an exception (or Ctrl-C) nothing may stay half-run holding blocks.
             for seq in seqs:
                 if not seq.is_finished:
                     self.scheduler.abort(seq)
+                    self.counters.requests_aborted += not seq.prefill_only
 
     def _apply_aborts(self) -> None:
         while self._abort_requests:

@@ -2,7 +2,19 @@
 
 Each class also derives from the builtin that fits (`ValueError` for bad input, `RuntimeError`
 for a state the engine cannot get out of), so `except ValueError` keeps working for callers
-who do not know nanodance. Messages name the problem and, where there is one, the fix.
+who do not know nanodance. Messages name the problem and, where there is one, the fix. After
+any of them the engine stays usable and holds no block for the failed call.
+
+    NanodanceError
+    ├── ModelLoadError (ValueError)    the model folder, its weights (weights.py)
+    │   ├── ConfigError                config.json missing, malformed or unsupported (config.py)
+    │   └── TokenizerError             tokenizer.json or chat template unusable (tokenizer.py)
+    ├── RequestError (ValueError)      prompts, sampling params, rounds, engine options
+    ├── CapacityError (RuntimeError)   shared blocks whose masters cannot be prefilled
+    └── PrepareError (RuntimeError)    preparing the default model failed (prepare.py)
+
+A single request that can never fit is not raised: it finishes with finish_reason "error" and
+the message of a `CapacityError` in its output, while the other requests complete.
 """
 from __future__ import annotations
 
@@ -16,8 +28,8 @@ class ModelLoadError(NanodanceError, ValueError):
 
 
 class RequestError(NanodanceError, ValueError):
-    """A request (prompt, sampling params, round) is invalid; nothing was enqueued."""
+    """A request (prompt, sampling params, round) or an engine option is invalid; nothing was enqueued."""
 
 
 class CapacityError(NanodanceError, RuntimeError):
-    """A request can never fit: longer than max_model_len or than the whole KV pool."""
+    """The KV pool cannot hold what a request or a round's shared blocks need; the message says what to raise."""

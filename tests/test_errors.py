@@ -151,6 +151,18 @@ def edit_config(path, **changes) -> None:
     (path / "config.json").write_text(json.dumps(config))
 
 
+def test_every_error_class_is_a_nanodance_error_and_the_builtin_that_fits():
+    from nanodance.config import ConfigError
+    from nanodance.prepare import ModelPackageUnavailable, PrepareError
+    from nanodance.tokenizer import TokenizerError
+
+    for cls in (ModelLoadError, ConfigError, TokenizerError, RequestError):
+        assert issubclass(cls, NanodanceError) and issubclass(cls, ValueError), cls
+    for cls in (CapacityError, PrepareError, ModelPackageUnavailable):
+        assert issubclass(cls, NanodanceError) and issubclass(cls, RuntimeError), cls
+    assert issubclass(ConfigError, ModelLoadError) and issubclass(TokenizerError, ModelLoadError)
+
+
 # --- model loading ------------------------------------------------------------------------------
 
 def test_a_missing_model_folder_is_named(tmp_path, engine):
