@@ -147,6 +147,8 @@ def format_compare(results: dict) -> str:
         same = [sum(a == b for a, b in zip(results[m][0][k], log0[k])) for m in modes]
         out.append(f"{'  round ' + str(k - 1):<24}" + "".join(f"{s:>9}/{len(log0[k]):<2}" for s in same))
     out.append(f"{'wall seconds (all)':<24}" + "".join(f"{results[m][2]:>12.1f}" for m in modes))
+    out.append(f"(actions equal to {modes[0]}: agents whose action line is the same as in {modes[0]}; round 0 inputs "
+               f"are the same in every mode, later rounds' inputs differ once an action does)")
     return "\n".join(out)
 
 
