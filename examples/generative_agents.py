@@ -85,7 +85,8 @@ def agent_prompt(i: int, events: list[str], memories: list[str], r: int, rng: ra
     persona = f"\n\nYou are {name}, {age}, {job}. You are {traits}."
     others = [j for j in range(len(events)) if j != i]
     rng.shuffle(others)  # the All-Gather step: the same blocks, in each agent's own order
-    digest = ["Your memories:\n" + "\n".join(f"- {m}" for m in memories) + f"\n\nWhat the others did at {hour(r - 1)}:\n"]
+    remembered = "\n".join(f"- {m}" for m in memories)
+    digest = [f"Your memories:\n{remembered}\n\nWhat the others did at {hour(r - 1)}:\n"]
     digest += [Shared(events[j]) for j in others]  # back to back: no private gap between blocks
     digest.append(TAIL.format(time=hour(r), plan=plan))
     return [{"role": "system", "content": [Shared(TOWN), persona]}, {"role": "user", "content": digest}]

@@ -46,8 +46,8 @@ def format_round_table(rows: list[dict], mode: str) -> str:
             f"{'secs':>6}")
     lines = [f"KV per round, reuse={mode}", head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['round']:>5} {r['prompt_tokens']:>10} {r['distinct'] / MiB:>7.1f} {r['prefix_eq'] / MiB:>11.1f} "
-                     f"{r['dense'] / MiB:>9.1f} {r['prefix_eq'] / r['distinct']:>9.2f}x "
+        lines.append(f"{r['round']:>5} {r['prompt_tokens']:>10} {r['distinct'] / MiB:>7.1f} "
+                     f"{r['prefix_eq'] / MiB:>11.1f} {r['dense'] / MiB:>9.1f} {r['prefix_eq'] / r['distinct']:>9.2f}x "
                      f"{r['compression']:>10.2f}x ({r['bound']:.2f}x) {r['computed']:>8} {r['reused']:>6} "
                      f"{r['recomputed']:>10} {r['seconds']:>6.1f}")
     lines.append(f"{'all':>5} {sum(r['prompt_tokens'] for r in rows):>10} {'':>7} {'':>11} {'':>9} {'':>10} {'':>19} "
