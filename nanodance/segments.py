@@ -86,8 +86,10 @@ def is_segment_prompt(prompt: Any) -> bool:
         for part in prompt:
             if isinstance(part, Shared):
                 return True
+            # Keep looking past a message whose list content has no Shared: a later one may.
             if isinstance(part, dict) and isinstance(part.get("content"), (list, tuple)):
-                return any(isinstance(p, Shared) for p in part["content"])
+                if any(isinstance(p, Shared) for p in part["content"]):
+                    return True
     return False
 
 

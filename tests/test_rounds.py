@@ -42,7 +42,7 @@ import torch
 from nanodance import LLM, SamplingParams, Shared, kernels
 from nanodance.collector import reference_keys
 from nanodance.errors import CapacityError, RequestError
-from nanodance.segments import encode_segments
+from nanodance.segments import encode_segments, is_segment_prompt
 from tiny_checkpoints import write_tiny_checkpoint
 
 BLOCK = 4
@@ -510,6 +510,15 @@ def test_encode_segments_chat_messages_with_shared_parts():
                                 {"role": "user", "content": f"Others said: {a} and {b}. You?"}])
     assert first.token_ids == tok.encode(rendered)
     assert encs[0].spans[0].start != encs[1].spans[1].start  # same block, different positions
+
+
+def test_a_shared_part_in_any_chat_message_makes_a_segment_prompt():
+    plain_list_content = {"role": "system", "content": ["persona ", "text"]}
+    with_shared = {"role": "user", "content": ["Others said: ", Shared("x")]}
+    assert is_segment_prompt([plain_list_content, with_shared])  # found past the first list content
+    assert is_segment_prompt([with_shared, plain_list_content])
+    assert not is_segment_prompt([plain_list_content, {"role": "user", "content": "no shared"}])
+    assert not is_segment_prompt(["text", [1, 2]]) and is_segment_prompt(["text", Shared([1, 2])])
 
 
 def test_encode_segments_rejects_bad_prompts():
