@@ -214,7 +214,8 @@ class LLM:
         seqs = [self._make_sequence(e.token_ids, p, prompt) for e, p, prompt in zip(encoded, params, prompts)]
         for seq, agent in zip(seqs, agent_ids):
             seq.agent_id = agent
-            seq.pin_output = self.collector is not None  # its output may be a producer master next round
+            # Its output may be a producer master next round; standalone masters never read it.
+            seq.pin_output = self.collector is not None and self.collector.cfg.master == "producer"
         valid = [i for i, seq in enumerate(seqs) if self._capacity_error(seq) is None]
         plans = [None] * len(seqs)
         master_blocks: set = set()

@@ -242,6 +242,18 @@ def test_second_round_uses_producer_masters_and_computes_far_less(folder):
     release_all(td)
 
 
+@pytest.mark.parametrize("reuse", ["pic", "tokendance"])
+def test_standalone_masters_keep_no_output_pinned_between_rounds(folder, reuse):
+    """Only producer masters read a round's output K/V; with standalone masters it is freed at once."""
+    standalone = make_llm(folder, reuse=reuse, master="standalone")
+    all_gather_rounds(standalone, rounds=2)
+    assert standalone.collector.outputs == {} and standalone.pool.num_used == 0
+    producer = make_llm(folder, reuse=reuse, master="producer")
+    all_gather_rounds(producer, rounds=2)
+    assert len(producer.collector.outputs) == N_AGENTS and producer.pool.num_used > 0
+    release_all(producer)
+
+
 @pytest.mark.parametrize("reuse", ["none", "prefix", "tokendance"])
 def test_persistent_agent_continuation_is_exact(folder, reuse):
     follow = random_ids(7, seed=500)
