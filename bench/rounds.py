@@ -22,7 +22,8 @@
   captured by wrapping `model.compute_logits` during `runner.run` (the engine has no logprobs API).
 * Configs: none, prefix, pic (0.15, block), tokendance (0.15, block, producer), each on a fresh
   engine. `--sweep` adds tokendance over ratio {0, 0.05, 0.15, 0.3} x scheme {block, first,
-  token} x master {producer, standalone}, and pic at the same ratios (block scheme), run on one
+  token} x master {producer, standalone}, and pic at the same ratios (block scheme, both master
+  sources: CacheBlend prefills its chunks standalone), run on one
   engine per master source (see `run_sweep`), and a trade-off table; `--sweep-only` runs the
   sweep and its reference (none) only.
 
@@ -81,7 +82,8 @@ def config_name(c: dict) -> str:
     if c["reuse"] in ("none", "prefix"):
         return c["reuse"]
     name = f"{c['reuse']} r={c['recompute_ratio']:g} {c['recompute_scheme']}"
-    return name + (f" {c['master']}" if c["reuse"] == "tokendance" else "")
+    # pic's master source is named only when it is not the producer's (the main table's pic).
+    return name + (f" {c['master']}" if c["reuse"] == "tokendance" or c["master"] != "producer" else "")
 
 
 MAIN_CONFIGS = [dict(reuse="none"), dict(reuse="prefix"),
@@ -93,7 +95,8 @@ SWEEP_RATIOS = (0.0, 0.05, 0.15, 0.3)
 def sweep_configs() -> list[dict]:
     out = []
     for r in SWEEP_RATIOS:
-        out.append(dict(reuse="pic", recompute_ratio=r, recompute_scheme="block", master="producer"))
+        for master in ("producer", "standalone"):  # CacheBlend's own chunks are standalone prefills
+            out.append(dict(reuse="pic", recompute_ratio=r, recompute_scheme="block", master=master))
         for scheme in ("block", "first", "token"):
             for master in ("producer", "standalone"):
                 out.append(dict(reuse="tokendance", recompute_ratio=r, recompute_scheme=scheme, master=master))
