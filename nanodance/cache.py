@@ -157,15 +157,27 @@ class BlockPool:
         self.counters.prefix_hits += 1
         return block_id
 
-    def register(self, block_id: int, block_hash: int, token_ids: Sequence[int]) -> None:
-        """Publish a full, exactly computed block in the prefix index (first writer wins)."""
+    def register(self, block_id: int, block_hash: int, token_ids: Sequence[int]) -> bool:
+        """Publish a full, exactly computed block in the prefix index (first writer wins).
+
+        True if this call published it. The scheduler publishes a block as soon as the step that
+        writes it is scheduled, so requests of that same step can share it (see scheduler.py).
+        """
         if not self.enable_prefix_caching or block_hash in self._index:
-            return
+            return False
         block = self.blocks[block_id]
         if block.hash is not None:
-            return
+            return False
         block.hash, block.token_ids = block_hash, tuple(token_ids)
         self._index[block_hash] = block_id
+        return True
+
+    def unpublish(self, block_id: int) -> None:
+        """Take a block out of the prefix index: the step that was to write its K/V never ran."""
+        if block_id in self._cached:
+            del self._cached[block_id]
+            self._free.append(block_id)
+        self._unregister(block_id)
 
     def _unregister(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -55,7 +55,7 @@ from nanodance.runner import ModelRunner
 from nanodance.sampling import SamplingParams
 from nanodance.round_stats import RoundOutputs, round_stats
 from nanodance.scheduler import Scheduler
-from nanodance.segments import EncodedPrompt, encode_segments, is_segment_prompt, output_block_ids
+from nanodance.segments import EncodedPrompt, encode_segments, is_segment_prompt
 from nanodance.sequence import Sequence, Status
 from nanodance.weights import load_model
 
@@ -623,6 +623,8 @@ class LLM:
                 done = now
         finally:
             bar.close()
+            # A step scheduled but never run must not leave unwritten blocks in the prefix index.
+            self.scheduler.forget_unwritten()
             # On an exception (or Ctrl-C) nothing may stay half-run holding blocks.
             for seq in seqs:
                 if not seq.is_finished:

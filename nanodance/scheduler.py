@@ -12,6 +12,12 @@ One step (`schedule`) spends a token budget (`max_num_batched_tokens`):
 2. if nothing was preempted, waiting sequences are admitted in order while the budget, the
    pool and `max_num_seqs` allow; an admitted sequence first reuses its cached prefix blocks.
 The result is a list of `ScheduledChunk`s; the runner turns them into one forward pass.
+
+Full blocks enter the prefix index when the step that completes them is scheduled, not after it
+ran (as in vLLM v1). So prompts admitted in the same step share their common prefix. That is
+safe because the forward pass writes every chunk's K/V into the pool before any attention of
+the same layer reads it. If the step never runs (an exception between `schedule` and
+`postprocess`), `forget_unwritten()` takes those blocks out of the index again.
 """
 from __future__ import annotations
 
@@ -50,6 +56,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.counters = SchedulerCounters()
+        self._unwritten: list[int] = []  # blocks published by `schedule` whose step has not run yet
         # Hooks for the round machinery (engine.py): `on_prefilled(seq)` when a sequence's prompt
         # is computed (its first token sampled), `on_finish(seq)` just before a finished
         # sequence's views are released (a producer's output KV is pinned there).
@@ -98,6 +105,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 break  # it preempted itself: nothing after it can run either
             chunks.append(ScheduledChunk(seq, take, sample=self._samples(seq, take)))
+            self._publish_full_blocks(seq, computed=self._computed_after(seq, take))
             budget -= len(take)
             i += 1
         if not preempted:
@@ -119,6 +127,7 @@ class Scheduler:
                 seq.status = Status.RUNNING
                 self.running.append(seq)
                 chunks.append(ScheduledChunk(seq, take, sample=self._samples(seq, take)))
+                self._publish_full_blocks(seq, computed=self._computed_after(seq, take))
                 budget -= len(take)
         self.counters.steps += bool(chunks)
         return chunks
@@ -126,6 +135,17 @@ class Scheduler:
     @staticmethod
     def _samples(seq: Sequence, take: list[int]) -> bool:
         return len(take) == len(seq.pending) and not seq.prefill_only
+
+    @staticmethod
+    def _computed_after(seq: Sequence, take: list[int]) -> int:
+        """Positions below this hold K/V once the step computing `take` has run."""
+        return seq.pending[len(take)] if len(take) < len(seq.pending) else seq.num_tokens
+
+    def forget_unwritten(self) -> None:
+        """The scheduled step did not run: unpublish the blocks it was to complete."""
+        for block in self._unwritten:
+            self.pool.unpublish(block)
+        self._unwritten = []
 
     def _ensure_slots(self, seq: Sequence, last_pos: int) -> bool:
         """Give `seq` private blocks until its views cover `last_pos`; False if the pool ran dry."""
@@ -177,6 +197,7 @@ class Scheduler:
     def postprocess(self, chunks: list[ScheduledChunk], tokens: list[int | None]) -> list[Sequence]:
         """Apply a step's results (`tokens[i]` for chunks that sampled); return finished sequences."""
         finished = []
+        self._unwritten = []  # the step ran: what `schedule` published is written
         for chunk, token in zip(chunks, tokens):
             seq = chunk.seq
             del seq.pending[:len(chunk.positions)]
@@ -184,7 +205,6 @@ class Scheduler:
                 self.counters.decode_tokens += 1
             else:
                 self.counters.prefill_tokens_computed += len(chunk.positions)
-            self._publish_full_blocks(seq)
             if seq.prefill_only and not seq.pending:
                 # A master: its K/V is computed; the views now belong to whoever asked for it.
                 self.running.remove(seq)
@@ -225,10 +245,11 @@ class Scheduler:
             return "length"
         return None
 
-    def _publish_full_blocks(self, seq: Sequence) -> None:
-        """Put the sequence's newly completed, exactly computed full blocks in the prefix index."""
+    def _publish_full_blocks(self, seq: Sequence, computed: int) -> None:
+        """Put the full blocks below position `computed` that hold exactly computed K/V in the
+        prefix index (called when the step that writes them is scheduled)."""
         bs = self.block_size
-        known = min(seq.pending[0] if seq.pending else seq.num_tokens, seq.exact_prefix_len)
+        known = min(computed, seq.exact_prefix_len)
         while (seq.num_hashed_blocks + 1) * bs <= known:
             i = seq.num_hashed_blocks
             view = seq.views[i]
@@ -237,7 +258,8 @@ class Scheduler:
                 return
             block_tokens = seq.token_ids[i * bs:(i + 1) * bs]
             h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, block_tokens)
-            self.pool.register(view.block, h, block_tokens)
+            if self.pool.register(view.block, h, block_tokens):
+                self._unwritten.append(view.block)
             seq.block_hashes.append(h)
             seq.num_hashed_blocks += 1
 

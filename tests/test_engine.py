@@ -57,13 +57,7 @@ def random_prompts(lengths, seed: int) -> list[list[int]]:
 
 # --- fixtures and helpers --------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Tiny matmuls gain nothing from threads and crawl when the cores are shared: use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +281,41 @@ def test_shared_prefix_is_served_from_cache(llama3):
     assert llm.stats()["prefill_tokens_reused"] - reused_before == 40
     assert tokens([first, *outs]) == reference
     assert llm.stats()["blocks_cached"] > 0 and llm.stats()["prefix_cache_hits"] >= 10
+
+
+def test_prompts_of_one_step_share_their_common_prefix(llama3):
+    """Blocks are published when the step that writes them is scheduled: the first prompt of a
+    batch computes the common prefix, the others admitted in that same step reuse it."""
+    folder, _ = llama3
+    prefix = random_prompts([22], seed=55)[0]  # 5 full blocks of 4, then 2 tokens
+    prompts = [[*prefix, *tail] for tail in ([7, 8, 9], [10, 11, 12, 13], [16], [17, 18])]
+    reference = tokens(run(make_llm(folder, reuse="none"), prompts, greedy(6)))
+
+    llm = make_llm(folder, reuse="prefix")
+    outs = run(llm, prompts, greedy(6))
+    assert llm.stats()["steps"] == 6  # all four prefilled together in the first step
+    assert [o.num_cached_tokens for o in outs] == [0, 20, 20, 20]
+    assert tokens(outs) == reference
+    llm.check_invariants()
+
+
+def test_a_step_that_never_ran_leaves_nothing_in_the_prefix_index(llama3):
+    folder, _ = llama3
+    prompts = random_prompts([13, 9], seed=56)
+    reference = tokens(run(make_llm(folder, reuse="none"), prompts, greedy(4)))
+    llm = make_llm(folder, reuse="prefix")
+    real_run = llm.runner.run
+
+    def broken(chunks):
+        raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of the forward pass
+
+    llm.runner.run = broken
+    with pytest.raises(KeyboardInterrupt):
+        run(llm, prompts, greedy(4))
+    assert llm.stats()["blocks_cached"] == 0 and llm.pool.num_used == 0  # published, then taken back
+    llm.check_invariants()
+    llm.runner.run = real_run
+    assert tokens(run(llm, prompts, greedy(4))) == reference
 
 
 @pytest.mark.parametrize("length", [16, 17, 15])
