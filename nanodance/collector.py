@@ -29,7 +29,7 @@ layers; deviations come back fp32 per token of the segment.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

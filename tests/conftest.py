@@ -6,3 +6,18 @@ before the test modules import nanodance.kernels (DESIGN.md §3.7).
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402  (after the interpreter flag, on purpose)
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """Tiny models gain nothing from threads and crawl when the cores are shared: use one.
+
+    Modules of tiny-model tests opt in with `pytestmark = pytest.mark.usefixtures("one_cpu_thread")`.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

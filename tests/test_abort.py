@@ -26,34 +26,22 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
 
 from nanodance import LLM, SamplingParams, Shared
 from nanodance.errors import RequestError
-from tiny_checkpoints import write_tiny_checkpoint
+from tiny_checkpoints import random_ids as ids, write_tiny_checkpoint
 
 BLOCK = 4
-VOCAB = 256
 
 
 def greedy(max_tokens: int = 8) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
-def ids(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
-
-
 PROMPTS = [ids(n, seed=20 + n) for n in (5, 11, 17, 8)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -50,27 +50,17 @@ from safetensors.torch import load_file, save_file
 
 from nanodance import LLM, SamplingParams, Shared
 from nanodance.errors import CapacityError, ModelLoadError, NanodanceError, RequestError
-from tiny_checkpoints import write_tiny_checkpoint
+from tiny_checkpoints import random_ids as ids, write_tiny_checkpoint
 
 BLOCK = 4
 VOCAB = 256
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 
 
-def ids(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
-
-
 PROMPT = ids(9, seed=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,12 @@ Properties, after every operation and, through `on_step`, after every engine ste
 from __future__ import annotations
 
 import pytest
-import torch
 from hypothesis import HealthCheck, event, given, settings, target
 from hypothesis import strategies as st
 
 from nanodance import LLM, SamplingParams, Shared
 from nanodance.errors import RequestError
-from tiny_checkpoints import write_tiny_checkpoint
+from tiny_checkpoints import random_ids as ids, write_tiny_checkpoint
 
 BLOCK = 4
 VOCAB = 256
@@ -38,22 +37,12 @@ ROOMY = 512
 AGENT_IDS = ("a", "b", "c")
 
 
-def ids(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
-
-
 BASES = [ids(40, seed=300 + i) for i in range(3)]  # prompts are prefixes of these: prefix-cache hits
 PERSONAS = [ids(3 + 3 * i, seed=400 + i) for i in range(4)]
 TAIL = [7, 8, 9]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,6 @@ Specification:
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -43,20 +41,14 @@ from nanodance import LLM, SamplingParams, Shared, kernels
 from nanodance.collector import reference_keys
 from nanodance.errors import CapacityError, RequestError
 from nanodance.segments import encode_segments, is_segment_prompt
-from tiny_checkpoints import write_tiny_checkpoint
+from tiny_checkpoints import random_ids, write_tiny_checkpoint
 
 BLOCK = 4
-VOCAB = 256
 N_AGENTS = 4
 
 
 def greedy(max_tokens: int = 8) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-
-
-def random_ids(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
 
 
 PERSONAS = [random_ids(6 + 5 * i, seed=100 + i) for i in range(N_AGENTS)]
@@ -65,12 +57,7 @@ TASK = random_ids(5, seed=200)
 
 # --- fixtures and helpers --------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -59,6 +59,12 @@ def _classes(kind: str):
     return transformers.LlamaConfig, transformers.LlamaForCausalLM
 
 
+def random_ids(n: int, seed: int, vocab_size: int = 256) -> list[int]:
+    """`n` seeded random token ids of the tiny vocabulary, above the special ids 0-2."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (n,), generator=g).tolist()
+
+
 def tiny_config(kind: str = "llama", **overrides):
     """The transformers config of a tiny checkpoint of `kind` (see the module docstring)."""
     if kind not in KINDS:
