@@ -15,6 +15,8 @@ Diff kernels (the KV collector and the `pic` baseline), N tokens addressed by fl
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from nanodance.attention_metadata import PAD_POS, AttentionMetadata
@@ -60,32 +62,50 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     B = meta.num_seqs
     g = meta.kv_gather()
     Hkv = k_cache.shape[2]
-    seq, row, valid, mask, sees_nothing = _step_masks(meta, g, T)
+    m = _step_masks(meta, g, T)
     k = k_cache.view(-1, Hkv, D)[g.slots]  # [B, L, Hkv, D]
     v = v_cache.view(-1, Hkv, D)[g.slots]
-    # Zero the padding keys/values: NaN garbage there would leak through the masked softmax
-    # (NaN * 0 = NaN in the P @ V product).
-    k = k.masked_fill(~valid[:, :, None, None], 0)
-    v = v.masked_fill(~valid[:, :, None, None], 0)
+    if m.padded:
+        # Zero the padding keys/values: NaN garbage there would leak through the masked softmax
+        # (NaN * 0 = NaN in the P @ V product).
+        k = k.masked_fill(~m.valid[:, :, None, None], 0)
+        v = v.masked_fill(~m.valid[:, :, None, None], 0)
     if g.any_delta:
         cos, sin = rope_cos_sin(g.delta, inv_freq)  # [B, L, D]
-        k = rotate(k.float(), cos[:, :, None], sin[:, :, None]).to(q.dtype)
-    # Pad the ragged queries into [B, Qmax].
-    qp = q.new_zeros(B, max(meta.max_seqlen_q, 1), Hq, D)
-    qp[seq, row] = q
+        k = rotate(k.float(), cos[:, :, None], sin[:, :, None])
+    # Pad the ragged queries into [B, Qmax] (a plain view when there is nothing to pad).
+    if m.dense_q:
+        qp = q.view(B, -1, Hq, D)
+    else:
+        qp = q.new_zeros(B, max(meta.max_seqlen_q, 1), Hq, D)
+        qp[m.seq, m.row] = q
     out = torch.nn.functional.scaled_dot_product_attention(
         qp.transpose(1, 2), k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2),
-        attn_mask=mask[:, None], scale=scale, enable_gqa=(Hq != Hkv))  # [B, Hq, Q, D]
-    out = out.transpose(1, 2).masked_fill(sees_nothing[..., None], 0.0)  # [B, Q, Hq, D]
-    return out[seq, row]
+        attn_mask=m.attn_mask, scale=scale, enable_gqa=(Hq != Hkv))  # [B, Hq, Q, D]
+    out = out.transpose(1, 2)  # [B, Q, Hq, D]
+    if m.any_empty:
+        out = out.masked_fill(m.sees_nothing[..., None], 0.0)
+    return out.reshape(T, Hq, D) if m.dense_q else out[m.seq, m.row]
 
 
-def _step_masks(meta: AttentionMetadata, g, T: int):
-    """(seq [T], row [T], valid [B, L], mask [B, Q, L], sees_nothing [B, Q, 1]), once per step.
+@dataclass
+class _StepMasks:
+    """What every layer of one step needs to lay out and mask its attention (built once)."""
 
-    Every layer of a step shares them, so they are built on the first call and kept in
-    `meta.step_cache`.
-    """
+    seq: torch.Tensor  # [T] sequence of each query row
+    row: torch.Tensor  # [T] row of each query within its sequence
+    valid: torch.Tensor  # [B, L] gathered key slot holds a key (not padding)
+    sees_nothing: torch.Tensor  # [B, Q, 1] query rows with no visible key
+    attn_mask: torch.Tensor | None  # [B, 1, Q, L], or None when every query sees every key
+    padded: bool  # some gathered slot is padding
+    any_empty: bool  # some query row sees no key
+    dense_q: bool  # every sequence has max_seqlen_q queries: [T] reshapes to [B, Q]
+
+
+def _step_masks(meta: AttentionMetadata, g, T: int) -> _StepMasks:
+    """The step's masks and layout flags, built on a step's first layer and kept in
+    `meta.step_cache` for the others. The flags let the common cases (a decode batch, one
+    unpadded prompt) skip masking work that would change nothing."""
     cached = meta.step_cache.get("torch_masks")
     if cached is not None:
         return cached
@@ -103,8 +123,12 @@ def _step_masks(meta: AttentionMetadata, g, T: int):
     # nothing): let them see everything, then zero them below.
     sees_nothing = ~mask.any(dim=-1, keepdim=True)  # [B, Q, 1]
     mask = mask | sees_nothing
-    meta.step_cache["torch_masks"] = (seq, row, valid, mask, sees_nothing)
-    return meta.step_cache["torch_masks"]
+    any_empty = bool(sees_nothing.any())
+    masks = _StepMasks(seq=seq, row=row, valid=valid, sees_nothing=sees_nothing,
+                       attn_mask=None if bool(mask.all()) else mask[:, None], padded=not bool(valid.all()),
+                       any_empty=any_empty, dense_q=T == B * Q)
+    meta.step_cache["torch_masks"] = masks
+    return masks
 
 
 def key_deviation_torch(k_fresh: torch.Tensor, k_cache: torch.Tensor, src_slots: torch.Tensor,
