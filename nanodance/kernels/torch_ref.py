@@ -63,9 +63,9 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     g = meta.kv_gather()
     Hkv = k_cache.shape[2]
     m = _step_masks(meta, g, T)
-    k = k_cache.view(-1, Hkv, D)[g.slots]  # [B, L, Hkv, D]
-    v = v_cache.view(-1, Hkv, D)[g.slots]
-    if m.padded:
+    k = k_cache.view(-1, Hkv, D)[m.slots]  # [B, L, Hkv, D]
+    v = v_cache.view(-1, Hkv, D)[m.slots]
+    if m.zero_padding:
         # Zero the padding keys/values: NaN garbage there would leak through the masked softmax
         # (NaN * 0 = NaN in the P @ V product).
         k = k.masked_fill(~m.valid[:, :, None, None], 0)
@@ -94,10 +94,11 @@ class _StepMasks:
 
     seq: torch.Tensor  # [T] sequence of each query row
     row: torch.Tensor  # [T] row of each query within its sequence
+    slots: torch.Tensor  # [B, L] pool slots to gather (padding reads the row's first key: finite)
     valid: torch.Tensor  # [B, L] gathered key slot holds a key (not padding)
     sees_nothing: torch.Tensor  # [B, Q, 1] query rows with no visible key
     attn_mask: torch.Tensor | None  # [B, 1, Q, L], or None when every query sees every key
-    padded: bool  # some gathered slot is padding
+    zero_padding: bool  # some row has padding but no key to read instead: zero it after the gather
     any_empty: bool  # some query row sees no key
     dense_q: bool  # every sequence has max_seqlen_q queries: [T] reshapes to [B, Q]
 
@@ -124,8 +125,13 @@ def _step_masks(meta: AttentionMetadata, g, T: int) -> _StepMasks:
     sees_nothing = ~mask.any(dim=-1, keepdim=True)  # [B, Q, 1]
     mask = mask | sees_nothing
     any_empty = bool(sees_nothing.any())
-    masks = _StepMasks(seq=seq, row=row, valid=valid, sees_nothing=sees_nothing,
-                       attn_mask=None if bool(mask.all()) else mask[:, None], padded=not bool(valid.all()),
+    # Padding slots re-read the row's first key (a written slot; the mask hides it) instead of
+    # slot 0, whose contents may be garbage: then no per-layer zeroing of the gathered K/V.
+    has_key = valid[:, :1]
+    slots = torch.where(valid, g.slots, g.slots[:, :1]) if bool(has_key.all()) else g.slots
+    masks = _StepMasks(seq=seq, row=row, slots=slots, valid=valid, sees_nothing=sees_nothing,
+                       attn_mask=None if bool(mask.all()) else mask[:, None],
+                       zero_padding=not bool(valid.all()) and not bool(has_key.all()),
                        any_empty=any_empty, dense_q=T == B * Q)
     meta.step_cache["torch_masks"] = masks
     return masks
