@@ -264,6 +264,8 @@ class LLM:
             mode=self.reuse, prompt_lens=[s.num_prompt_tokens for s in done],
             private_tokens=[len(e.token_ids) - sum(sp.length for sp in e.spans)
                             for s, e in zip(seqs, encoded) if s in done],
+            private_heads=[e.token_ids[:min((sp.start for sp in e.spans), default=len(e.token_ids))]
+                           for s, e in zip(seqs, encoded) if s in done],
             distinct_shared_lens=list(shared_lens.values()),
             agent_blocks=[self._prefilled_at[s.seq_id][1] for s in done], master_blocks=master_blocks,
             block_size=self.pool.block_size, block_bytes=self.block_bytes, num_layers=self.config.num_layers,

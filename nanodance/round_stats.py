@@ -9,7 +9,9 @@ standalone masters the collector made for the round. From those sets:
     dense_bytes     what every agent's full prompt would take in its own blocks
     compression     dense / distinct
     bound           dense / (private tokens of every agent + each distinct shared block once):
-                    the best compression the agents' private tokens allow
+                    the best compression the agents' private tokens allow. Full blocks of the
+                    private text before an agent's first shared block that other agents' prompts
+                    start with too (a common system prompt) count once, as prefix caching holds them.
 Prefill work counts positions computed (all layers) and, as token-layers, the deviation
 analysis too (its partial forwards), so modes are compared on work actually run.
 """
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+
+from nanodance.cache import chain_hash
 
 
 class RoundOutputs(list):
@@ -27,7 +31,8 @@ class RoundOutputs(list):
         self.stats = stats
 
 
-def round_stats(*, mode: str, prompt_lens: list[int], private_tokens: list[int], distinct_shared_lens: list[int],
+def round_stats(*, mode: str, prompt_lens: list[int], private_tokens: list[int], private_heads: list[list[int]],
+                distinct_shared_lens: list[int],
                 agent_blocks: list[list[tuple[int, int]]], master_blocks: set[tuple[int, int]], block_size: int,
                 block_bytes: int, num_layers: int, prefill_tokens_computed: int, reused_tokens: int,
                 recomputed_tokens: int, reference_token_layers: int, collector_seconds: float, num_masters: int,
@@ -37,7 +42,9 @@ def round_stats(*, mode: str, prompt_lens: list[int], private_tokens: list[int],
     shared = {b for b, c in counts.items() if c > 1} | master_blocks
     private = [len({b for b in set(blocks) if b not in shared}) for blocks in agent_blocks]
     dense_blocks = sum(math.ceil(n / block_size) for n in prompt_lens)
-    bound_blocks = sum(math.ceil(n / block_size) for n in private_tokens) + \
+    head_blocks, distinct_head_blocks = _prefix_blocks(private_heads, block_size)
+    bound_blocks = distinct_head_blocks + \
+        sum(math.ceil((n - h * block_size) / block_size) for n, h in zip(private_tokens, head_blocks)) + \
         sum(math.ceil(n / block_size) for n in distinct_shared_lens)
     n_agents = max(len(agent_blocks), 1)
     return {
@@ -61,3 +68,17 @@ def round_stats(*, mode: str, prompt_lens: list[int], private_tokens: list[int],
         "prefill_seconds": prefill_seconds,
         "round_seconds": round_seconds,
     }
+
+
+def _prefix_blocks(heads: list[list[int]], block_size: int) -> tuple[list[int], int]:
+    """(full blocks of each head, distinct full-block prefixes over all heads): what ideal prefix
+    caching of the heads holds, the common leading blocks once."""
+    seen: set[int] = set()
+    per_head = []
+    for head in heads:
+        parent = None
+        per_head.append(len(head) // block_size)
+        for i in range(per_head[-1]):
+            parent = chain_hash(parent, head[i * block_size:(i + 1) * block_size])
+            seen.add(parent)
+    return per_head, len(seen)

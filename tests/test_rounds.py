@@ -407,6 +407,23 @@ def test_accounting_pic_copies_every_shared_block(folder):
     release_all(llm)
 
 
+@pytest.mark.parametrize("reuse", ["none", "prefix", "tokendance"])
+def test_the_bound_counts_a_common_system_prompt_once(folder, reuse):
+    """3 agents: [system 8 (the same)] + [private 4] + Shared(common 8) + [tail 4] = 24 tokens each.
+    Ideal: the system prompt's 2 blocks once, 2 private blocks per agent, the shared 2 once."""
+    system, common = random_ids(8, seed=630), random_ids(8, seed=631)
+    prompts = [[system, random_ids(4, seed=640 + i), Shared(common), random_ids(4, seed=650 + i)] for i in range(3)]
+    llm = make_llm(folder, reuse=reuse, recompute_ratio=0.0, master_sink=False)
+    st = llm.run_round(prompts, greedy(2), use_tqdm=False).stats
+    bb = llm.block_bytes
+    assert st["dense_kv_bytes"] == 18 * bb
+    assert st["compression_bound"] == 18 / (2 + 3 * 2 + 2)
+    assert st["compression"] <= st["compression_bound"]
+    if reuse == "prefix":  # the system prompt's blocks, computed once in the same step, shared by all
+        assert st["distinct_kv_bytes"] == (2 + 3 * 4) * bb
+    release_all(llm)
+
+
 def test_accounting_counts_producer_master_blocks_as_shared(folder):
     llm = make_llm(folder, reuse="tokendance", recompute_ratio=0.0)
     p = [random_ids(8, seed=710), random_ids(8, seed=711)]
