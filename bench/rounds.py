@@ -48,6 +48,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.throughput import cpu_model  # noqa: E402  (one CPU-name probe for every bench script)
+
 DEFAULT_OUT = ROOT / "bench" / "out" / "rounds.json"
 
 QUESTION = "Should a small city ban private cars from its historic center? Answer in one short paragraph."
@@ -128,16 +130,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.threads is not None and args.threads < 1:
         ap.error("--threads must be >= 1")
     return args
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def capture_first_logprobs(llm, store: dict) -> None:
