@@ -3,24 +3,14 @@ answer fills a whole block) runs all four modes, prints the table and writes the
 not checked (noise at this size); the accounting and the exact modes are."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 from fixtures_default_model import default_model_dir  # noqa: F401
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "rounds.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_rounds", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from repo_scripts import load_script
 
 
 def test_rounds_smoke(default_model_dir, tmp_path, capsys):  # noqa: F811
-    bench = _load_bench()
+    bench = load_script("bench/rounds.py")
     out = tmp_path / "rounds.json"
     assert bench.main(["--agents", "3", "--answer-tokens", "40", "--round1-tokens", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out

@@ -6,25 +6,16 @@ and the summary must report rounds run, errors caught, zero leaked blocks and ze
 """
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "soak.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_soak", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from repo_scripts import load_script
 
 
 def test_soak_runs_rounds_provokes_errors_and_leaks_nothing(capsys):
     threads = torch.get_num_threads()
-    assert _load_bench().main(["--minutes", "0.1", "--seed", "5", "--progress-seconds", "2"]) == 0
+    assert load_script("bench/soak.py").main(["--minutes", "0.1", "--seed", "5", "--progress-seconds", "2"]) == 0
     assert torch.get_num_threads() == threads  # the soak restores what it changed
     out = capsys.readouterr().out
     assert "soak summary" in out and re.search(r"\[\s+\d+ s\] rounds \d+", out)  # progress lines

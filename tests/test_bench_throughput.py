@@ -2,27 +2,17 @@
 and writes the JSON (the numbers themselves are not checked; they are noise at this size)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from fixtures_default_model import default_model_dir  # noqa: F401
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_throughput", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from repo_scripts import load_script
 
 
 def test_throughput_smoke(default_model_dir, tmp_path, capsys):  # noqa: F811
     pytest.importorskip("transformers")
-    bench = _load_bench()
+    bench = load_script("bench/throughput.py")
     out = tmp_path / "throughput.json"
     assert bench.main(["--max-tokens", "2", "--batch-sizes", "1", "--repeats", "1", "--out", str(out)]) == 0
     table = [line.split() for line in capsys.readouterr().out.splitlines()]
