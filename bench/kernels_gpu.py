@@ -106,7 +106,8 @@ def run(dev: torch.device, shapes: dict, bench_ms) -> int:
     guarded("HBM copy bandwidth", lambda: peak.__setitem__(0, copy_bandwidth()))
 
     # ------------------------------------------------------------ correctness vs twins
-    from nanodance.kernels.synthetic import fill_cache, make_metadata, random_views
+    from nanodance.attention_metadata import build_metadata
+    from nanodance.tools.synthetic import fill_cache, random_views
 
     def random_case(dtype, seqs, seed, deltas=(0, 0, 17, -45, 1000, -3000)):
         rng = random.Random(seed)
@@ -120,7 +121,7 @@ def run(dev: torch.device, shapes: dict, bench_ms) -> int:
         nb = 1 + sum(len(v) for v in views)
         kc = fill_cache(nb, PAGE, HKV, D, views, dtype, dev, gen, poison=True)
         vc = fill_cache(nb, PAGE, HKV, D, views, dtype, dev, gen, poison=True)
-        meta = make_metadata(views, q_pos, PAGE, dev)
+        meta = build_metadata(views, q_pos, PAGE, dev)
         q = torch.randn(meta.q_pos.numel(), HQ, D, generator=gen).to(dtype).to(dev)
         return q, kc, vc, meta
 

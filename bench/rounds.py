@@ -19,7 +19,7 @@
   prefill tokens computed / recomputed, token-layers (incl. the collector's deviation analysis),
   prefill / round / collector seconds. Fidelity vs `none` on identical inputs: first-token
   agreement and mean KL(none || mode) of the first-token distribution (nats). The logits are
-  captured by wrapping `model.compute_logits` during `runner.run` (the engine has no logprobs API).
+  recorded by a sampler passed to the engine (`LLM(..., sampler=FirstLogprobs())`).
 * Configs: none, prefix, pic (0.15, block), tokendance (0.15, block, producer), each on a fresh
   engine. `--sweep` adds tokendance over ratio {0, 0.05, 0.15, 0.3} x scheme {block, first,
   token} x master {producer, standalone}, and pic at the same ratios (block scheme, both master
@@ -132,28 +132,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def capture_first_logprobs(llm, store: dict) -> None:
-    """Record log_softmax of the logits of each sequence's first sampled token, by seq id."""
-    runner, model = llm.runner, llm.model
-    orig_run, orig_logits = runner.run, model.compute_logits
+class FirstLogprobs:
+    """A sampler (`LLM(..., sampler=...)`) that records log_softmax of the logits of each
+    request's first sampled token, by request id, then samples as usual."""
 
-    def run(chunks):
-        first = [None if c.seq.output_token_ids else c.seq.seq_id for c in chunks if c.sample]
+    def __init__(self):
+        self.store: dict[int, torch.Tensor] = {}
 
-        def compute_logits(hidden):
-            logits = orig_logits(hidden)
-            for sid, row in zip(first, logits):
-                if sid is not None:
-                    store[sid] = torch.log_softmax(row.float(), dim=-1).cpu()
-            return logits
-
-        model.compute_logits = compute_logits  # instance attribute shadows the method
-        try:
-            return orig_run(chunks)
-        finally:
-            del model.compute_logits
-
-    runner.run = run
+    def __call__(self, logits, seqs):
+        from nanodance.runner import default_sampler
+        for row, seq in zip(logits, seqs):
+            if not seq.output_token_ids:
+                self.store[seq.seq_id] = torch.log_softmax(row.float(), dim=-1).cpu()
+        return default_sampler(logits, seqs)
 
 
 def round0(llm, args, cfg: dict, ref_ids: list[list[int]] | None):
@@ -185,13 +176,9 @@ def round1(llm, args, cfg: dict, answers: list) -> dict:
             if j != i:
                 segs += [SEPARATOR, answers[j]]
         prompts.append(segs + [TAIL])
-    logprobs: dict[int, torch.Tensor] = {}
-    capture_first_logprobs(llm, logprobs)
     sp1 = SamplingParams(temperature=0, max_tokens=args.round1_tokens, ignore_eos=True)
-    try:
-        r1 = llm.run_round(prompts, sp1, use_tqdm=False)
-    finally:
-        del llm.runner.run  # drop the capturing wrapper (an instance attribute)
+    r1 = llm.run_round(prompts, sp1, use_tqdm=False)
+    logprobs = llm.runner.sampler.store
     bad = [o for o in r1 if o.finish_reason == "error"]
     if bad:
         raise RuntimeError(f"{config_name(cfg)}: round 1 failed: {bad[0].error}")
@@ -206,7 +193,7 @@ def run_config(cfg: dict, args, folder, kv_blocks: int, ref_ids: list[list[int]]
     answers) and a config that does not need its own answers, `Shared(ref_ids[j])` is gathered."""
     from nanodance import LLM
     t0 = time.perf_counter()
-    llm = LLM(folder, dtype=args.dtype, kv_cache_blocks=kv_blocks, **cfg)
+    llm = LLM(folder, dtype=args.dtype, kv_cache_blocks=kv_blocks, sampler=FirstLogprobs(), **cfg)
     load_s = time.perf_counter() - t0
     answers, ids, texts, r0_s = round0(llm, args, cfg, ref_ids)
     row = round1(llm, args, cfg, answers)
@@ -218,41 +205,37 @@ def run_config(cfg: dict, args, folder, kv_blocks: int, ref_ids: list[list[int]]
 def run_sweep(args, folder, kv_blocks: int, ref_ids: list[list[int]]) -> list[dict]:
     """Every sweep variant on one engine per master source, which answers (or borrows) round 0 once.
 
-    Between round-1 variants the collector's configuration is swapped (the `pic` variants set the
-    same fields `LLM(reuse="pic")` sets), the round-0 answers stay pinned (the engine would
-    release them after the first round 1) and the prefix cache of free blocks is reset, so every
+    Between round-1 variants the engine is reconfigured (`llm.reconfigure(reuse=..., ...)`), the
+    round-0 answers stay pinned (`llm.keep_outputs`: the engine would release them after the
+    first round 1) and the prefix cache of free blocks is reset, so every
     variant starts from the same pool state. Sweep rows therefore compute the prompt heads that
     a fresh engine's round 1 takes from the prefix cache: compare their prefill work with each
     other, and the main table's rows with each other. The sweep repeats the main tokendance
     config, a check that a shared engine measures what a fresh one does.
     """
     from nanodance import LLM
-    from nanodance.collector import CollectorConfig
     rows = []
     variants = sweep_configs()
     for master in ("producer", "standalone"):
         group = [c for c in variants if c["master"] == master]
-        llm = LLM(folder, dtype=args.dtype, kv_cache_blocks=kv_blocks, reuse="tokendance", master=master)
+        llm = LLM(folder, dtype=args.dtype, kv_cache_blocks=kv_blocks, reuse="tokendance", master=master,
+                  sampler=FirstLogprobs())
         answers, ids, _, r0_s = round0(llm, args, group[0], ref_ids)
         if ids != ref_ids:
             raise RuntimeError(f"sweep ({master} masters): round-0 answers differ from none's")
-        collector = llm.collector
-        release = collector.release_outputs
-        round0_ids = set(collector.outputs)
-        collector.release_outputs = lambda keep=frozenset(): release(set(keep) | round0_ids)
+        round0_outputs = [a.value for a in answers if not isinstance(a.value, list)]  # producer answers
+        llm.keep_outputs(round0_outputs)
         for cfg in group:
-            collector.cfg = CollectorConfig(recompute_ratio=cfg["recompute_ratio"], scheme=cfg["recompute_scheme"],
-                                            master=master, selection="per_agent" if cfg["reuse"] == "pic"
-                                            else "collective", dense_copy=cfg["reuse"] == "pic")
+            llm.reconfigure(reuse=cfg["reuse"], recompute_ratio=cfg["recompute_ratio"],
+                            recompute_scheme=cfg["recompute_scheme"])
             llm.reset_prefix_cache()
             t0 = time.perf_counter()
             row = round1(llm, args, cfg, answers)
             row.update(round0_ids=ids, round0_borrowed=master != "producer", engine=f"shared ({master})",
                        config_seconds=time.perf_counter() - t0)
-            release(round0_ids)  # this variant's outputs go; round 0's stay for the next variant
+            llm.release_round_outputs(keep=round0_outputs)  # this variant's outputs go; round 0's stay
             rows.append(row)
             print(f"  sweep {row['config']}: {row['config_seconds']:.1f} s", flush=True)
-        del collector.release_outputs
     return rows
 
 
@@ -330,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    from nanodance.prepare import default_model_dir
+    from nanodance.tools.prepare import default_model_dir
     folder = default_model_dir()
 
     n, block = args.agents, 16

@@ -335,7 +335,7 @@ class Session:
         llm = self.llm
         for name in list(self.history):
             llm.release_agent(name)
-        for name in list(llm._agents):
+        for name in llm.agents.ids():
             llm.release_agent(name)
         llm.release_round_outputs()
         self.tally.leaked += llm.pool.num_used

@@ -53,9 +53,9 @@ Sections (each printed as a table, all written to `<out>/<preset>[-dry].json`):
 
 `--dry-run` (for presets too slow on CPU): the real allocator, scheduler, collector and pool
 build every cache and count every block, but no real model math runs: a tiny random
-Llama (2 layers, the default model's tokenizer and block size, context 8192) stands in, its
-runner returns seeded synthetic tokens instead of running a forward pass, and the collector's
-reference forward returns random keys. With ignore_eos every output has its drawn length, so
+Llama config (2 layers, the default model's tokenizer and block size, context 8192) stands in,
+passed to `LLM` as an already-built model (`DryModel`): its forward returns zeros, every token
+is forced to a seeded synthetic one, and the collector's reference keys are seeded random keys. With ignore_eos every output has its drawn length, so
 block counts do not depend on the model (up to +-1 block where the deviation ranking picks a
 segment's short last chunk, and real outputs that happen to be identical would dedupe). KV
 bytes are scaled to the default model at `--dtype`. No wall times and no fidelity are printed.
@@ -173,92 +173,80 @@ def _write_tiny_model(folder: Path, source: Path, context: int) -> Path:
     return folder
 
 
+class DryModel:
+    """Builds the dry run's stand-in model: the tiny config, and no model math at all."""
+
+    @staticmethod
+    def make(config, seed: int = 1234):
+        from nanodance.model import CausalLM
+
+        class _Dry(CausalLM):
+            """Zero hidden states and logits (the driver forces every token; nothing reads the KV),
+            and seeded random keys for the collector's deviation scoring, one prompt at a time."""
+
+            def __init__(self):
+                super().__init__(config)
+                self.keys = torch.Generator().manual_seed(seed)
+                self.lens: list[int] = []
+
+            def forward(self, input_ids, positions, meta, kv_caches, num_layers=None):
+                self.lens = (meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]).tolist()
+                return torch.zeros(input_ids.shape[0], config.hidden_size)
+
+            def compute_logits(self, hidden):
+                return torch.zeros(hidden.shape[0], config.vocab_size)
+
+            def layer_keys(self, layer_index, hidden, positions):
+                return torch.cat([torch.randn(n, config.num_kv_heads, config.head_dim, generator=self.keys)
+                                  for n in self.lens])
+
+        return _Dry()
+
+
 class Backend:
-    """Makes engines: the real default model, or (dry run) the tiny stand-in."""
+    """Makes engines: the real default model (loaded once, shared by every engine: weights are
+    only read), or (dry run) a fresh tiny stand-in per engine."""
 
     def __init__(self, dry: bool, dtype: str, model: Path | None = None, block_size: int = 16):
+        from nanodance import EngineConfig
         from nanodance.cache import KVCache
         from nanodance.config import ModelConfig
-        from nanodance.engine import _resolve_dtype
-        from nanodance.prepare import default_model_dir
         from nanodance.tokenizer import Tokenizer
+        from nanodance.tools.prepare import default_model_dir
         self.dry, self.dtype = dry, dtype
         self.real_folder = Path(model) if model else default_model_dir()
         real = ModelConfig.from_folder(self.real_folder)
         self.real_config = real
         self.block_size = block_size
+        self.torch_dtype = EngineConfig(dtype=dtype).torch_dtype()
         self.real_block_bytes = KVCache.bytes_per_block(real.num_layers, self.block_size, real.num_kv_heads,
-                                                        real.head_dim, _resolve_dtype(dtype))
+                                                        real.head_dim, self.torch_dtype)
         self.context = real.max_position_embeddings
         self.tokenizer = Tokenizer.from_folder(self.real_folder)
         self._tmp = None
+        self._model = None
         if dry:
             self._tmp = tempfile.TemporaryDirectory(prefix="nanodance-dry-")
-            self.folder = _write_tiny_model(Path(self._tmp.name), self.real_folder, self.context)
-        else:
-            self.folder = self.real_folder
+            self.dry_config = ModelConfig.from_folder(_write_tiny_model(Path(self._tmp.name), self.real_folder,
+                                                                        self.context))
 
-    def make(self, cfg: Config, kv_blocks: int, max_num_seqs: int, max_batched: int):
+    def model(self):
+        if self.dry:
+            return DryModel.make(self.dry_config)
+        if self._model is None:
+            from nanodance.weights import load_model
+            self._model = load_model(self.real_folder, self.real_config, self.torch_dtype, "cpu")
+        return self._model
+
+    def make(self, cfg: Config, kv_blocks: int, max_num_seqs: int, max_batched: int, sampler):
         from nanodance import LLM
-        return LLM(self.folder, dtype="float32" if self.dry else self.dtype, block_size=self.block_size,
+        return LLM(self.model(), tokenizer=self.tokenizer, sampler=sampler, block_size=self.block_size,
                    kv_cache_blocks=kv_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched,
                    **cfg.engine_kwargs())
 
     def close(self):
         if self._tmp is not None:
             self._tmp.cleanup()
-
-
-@contextlib.contextmanager
-def dry_reference_keys(enabled: bool):
-    """In a dry run the collector's reference forward returns seeded random keys (no model math)."""
-    if not enabled:
-        yield
-        return
-    import nanodance.collector as collector
-    original = collector.reference_keys
-    gen = torch.Generator().manual_seed(1234)
-
-    def fake(model, prompts, check_layer, block_size, dtype, device):
-        cfg = model.config
-        return [torch.randn(len(p), cfg.num_kv_heads, cfg.head_dim, generator=gen).to(dtype) for p in prompts]
-
-    collector.reference_keys = fake
-    try:
-        yield
-    finally:
-        collector.reference_keys = original
-
-
-@contextlib.contextmanager
-def shared_loading():
-    """Load each model folder's weights and tokenizer once for all the engines of a run.
-
-    Every config gets a fresh engine (pool, scheduler, collector), but the weights are only
-    read by the engine, so one copy serves them all; this saves seconds per engine (and a
-    concurrency search builds dozens). It wraps two loaders of `nanodance.engine` for the
-    duration of the run and puts them back after.
-    """
-    import nanodance.engine as engine
-    original_model, original_tokenizer = engine.load_model, engine._load_tokenizer
-    models, tokenizers = {}, {}
-
-    def load_model(path, config, dtype, device):
-        key = (str(path), dtype, str(device))
-        if key not in models:
-            models[key] = original_model(path, config, dtype, device)
-        return models[key]
-
-    def load_tokenizer(path):
-        if str(path) not in tokenizers:
-            tokenizers[str(path)] = original_tokenizer(path)
-        return tokenizers[str(path)]
-
-    engine.load_model, engine._load_tokenizer = load_model, load_tokenizer
-    try:
-        yield
-    finally:
-        engine.load_model, engine._load_tokenizer = original_model, original_tokenizer
 
 
 def synthetic_tokens(seed: int, r: int, agent: int, n: int) -> list[int]:
@@ -290,10 +278,12 @@ class RoundRecord:
 
 
 class Driver:
-    """Wraps one engine from the outside: forces tokens, records choices, residency and mirrors."""
+    """Drives one engine through its public seams: a sampler (forces tokens, records the engine's
+    own choices and first-token log-probs) and `on_step` (residency, probes, prefill views)."""
 
-    def __init__(self, llm, backend: Backend, probe: bool = False, capture: bool = False):
-        self.llm, self.backend, self.probe, self.capture = llm, backend, probe, capture
+    def __init__(self, backend: Backend, probe: bool = False, capture: bool = False):
+        self.llm = None
+        self.backend, self.probe, self.capture = backend, probe, capture
         self.agent_of: dict[int, int] = {}  # id(prompt segments) -> agent
         self.forced: dict[int, list[int]] | None = None
         self.choices: dict[int, dict[int, int]] = {}
@@ -302,76 +292,52 @@ class Driver:
         self.prefill_views: dict[int, list] = {}
         self.master_blocks: set[int] | None = None
         self.failed = False  # a probe raised ProbeFailed: the engine is being torn down, stay quiet
-        runner, sched = llm.runner, llm.scheduler
-        self._run, self._schedule = runner.run, sched.schedule
-        self._on_prefilled, self._on_finish = sched.on_prefilled, sched.on_finish
-        runner.run = self._wrapped_run
-        sched.schedule = self._wrapped_schedule
-        sched.on_prefilled = self._wrapped_on_prefilled
-        sched.on_finish = self._wrapped_on_finish
+        self._preemptions = 0
+        self._finished: set[int] = set()
 
-    # -------------------------------------------------------------- hooks
+    # -------------------------------------------------------------- seams
 
-    def _agent(self, seq) -> int | None:
-        return self.agent_of.get(id(seq.prompt)) if seq.prompt is not None else None
+    def _agent(self, prompt) -> int | None:
+        return self.agent_of.get(id(prompt)) if prompt is not None else None
 
-    def _wrapped_run(self, chunks):
-        sampling = [c for c in chunks if c.sample]
-        if self.backend.dry:
-            tokens = [None] * len(chunks)
-        else:
-            first = [self._agent(c.seq) if not c.seq.output_token_ids else None for c in sampling]
-            model = self.llm.model
-            original = model.compute_logits
-            if self.capture and any(a is not None for a in first):
-                def compute_logits(hidden):
-                    logits = original(hidden)
-                    for agent, row in zip(first, logits):
-                        if agent is not None:
-                            self.first_lp[agent] = torch.log_softmax(row.float(), dim=-1).cpu()
-                    return logits
-                model.compute_logits = compute_logits  # instance attribute shadows the method
-            try:
-                tokens = self._run(chunks)
-            finally:
-                model.__dict__.pop("compute_logits", None)
-        tokens = list(tokens)
-        for k, c in enumerate(chunks):
-            if not c.sample:
-                continue
-            agent, step = self._agent(c.seq), len(c.seq.output_token_ids)
+    def sample(self, logits, seqs):
+        """The engine's sampler: its own greedy choice is recorded, then replaced by the forced token."""
+        from nanodance.runner import default_sampler
+        tokens = [None] * len(seqs) if self.backend.dry else default_sampler(logits, seqs)
+        for k, seq in enumerate(seqs):
+            agent, step = self._agent(seq.prompt), len(seq.output_token_ids)
             if agent is None:
                 continue
+            if self.capture and step == 0 and not self.backend.dry:
+                self.first_lp[agent] = torch.log_softmax(logits[k].float(), dim=-1).cpu()
             if tokens[k] is not None:
                 self.choices.setdefault(agent, {})[step] = tokens[k]
             if self.forced is not None:
                 tokens[k] = self.forced[agent][step]
         return tokens
 
-    def _wrapped_schedule(self):
-        before = self.llm.scheduler.counters.preemptions
-        chunks = self._schedule()
-        running = sum(1 for s in self.llm.scheduler.running if not s.prefill_only)
+    def on_step(self, outputs):
+        """After every step: peak residency, probe failures, and each agent's views at prefill."""
+        llm = self.llm
+        newly = [o for o in outputs if o.finish_reason is not None and o.request_id not in self._finished]
+        self._finished.update(o.request_id for o in newly)
+        # Running after `schedule` = running now + those this step finished.
+        running = sum(1 for s in llm.scheduler.running if not s.prefill_only) + len(newly)
         self.peak = max(self.peak, running)
-        if self.probe and not self.failed and self.llm.scheduler.counters.preemptions > before:
+        if self.master_blocks is None and llm.collector is not None:
+            self.master_blocks = {v.block for views in llm.collector.holders() for v in views}
+        for o in outputs:
+            agent = self._agent(o.prompt)
+            record = llm.engine.call.prefilled.get(o.request_id)
+            if agent is not None and record is not None and agent not in self.prefill_views:
+                self.prefill_views[agent] = list(record.views)
+        if not self.probe or self.failed:
+            return
+        if llm.scheduler.counters.preemptions > self._preemptions:
             self.failed = True
             raise ProbeFailed("preempted")
-        return chunks
-
-    def _wrapped_on_prefilled(self, seq):
-        self._on_prefilled(seq)
-        if self.master_blocks is None:
-            col = self.llm.collector
-            masters = (list(col.outputs.values()) + list(col.round_masters)) if col is not None else []
-            self.master_blocks = {v.block for m in masters for v in m.views}
-        agent = self._agent(seq)
-        if agent is not None:
-            self.prefill_views[agent] = list(seq.views)
-
-    def _wrapped_on_finish(self, seq):
-        self._on_finish(seq)
-        if self.probe and not self.failed and not seq.prefill_only and self._agent(seq) is not None:
-            never = [s for s in self.llm.scheduler.waiting if self._agent(s) is not None and s.num_preemptions == 0]
+        if any(self._agent(o.prompt) is not None for o in newly):
+            never = [s for s in llm.scheduler.waiting if self._agent(s.prompt) is not None and s.num_preemptions == 0]
             if never:
                 self.failed = True
                 raise ProbeFailed("an agent finished before every agent was resident")
@@ -392,11 +358,11 @@ class Driver:
         if self.backend.dry and forced is None:
             self.forced = {a: synthetic_tokens(wl.cfg.seed, r, a, m) for a, m in zip(rp.agents, rp.max_tokens)}
         self.choices, self.first_lp, self.peak = {}, {}, 0
-        self.prefill_views, self.master_blocks = {}, None
+        self.prefill_views, self.master_blocks, self._finished = {}, None, set()
         params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in rp.max_tokens]
-        pre = llm.scheduler.counters.preemptions
+        pre = self._preemptions = llm.scheduler.counters.preemptions
         t0 = time.perf_counter()
-        outs = llm.run_round(rp.prompts, params, use_tqdm=False)
+        outs = llm.run_round(rp.prompts, params, use_tqdm=False, on_step=self.on_step)
         seconds = time.perf_counter() - t0
         bad = [o for o in outs if o.finish_reason == "error"]
         if bad:
@@ -460,15 +426,14 @@ def run_workload(backend: Backend, cfg: Config, wl: Workload, kv_blocks: int, ma
     """Every round of `wl` on a fresh engine; forced to `reference`'s outputs when given.
 
     `last_round_tokens` shortens the outputs of the last round (no later round gathers them)."""
-    llm = backend.make(cfg, kv_blocks, max(64, wl.cfg.agents + 8), max_batched)
-    driver = Driver(llm, backend, probe=probe, capture=capture)
+    driver = Driver(backend, probe=probe, capture=capture)
+    llm = driver.llm = backend.make(cfg, kv_blocks, max(64, wl.cfg.agents + 8), max_batched, sampler=driver.sample)
     outputs: dict = {}
     records = []
-    with dry_reference_keys(backend.dry):
-        for r in range(wl.cfg.rounds):
-            forced = reference[r].outputs if reference is not None else None
-            last = r == wl.cfg.rounds - 1 and r > 0
-            records.append(driver.run_round(wl, r, outputs, forced, last_round_tokens if last else None))
+    for r in range(wl.cfg.rounds):
+        forced = reference[r].outputs if reference is not None else None
+        last = r == wl.cfg.rounds - 1 and r > 0
+        records.append(driver.run_round(wl, r, outputs, forced, last_round_tokens if last else None))
     llm.release_round_outputs()
     return records
 
@@ -877,7 +842,6 @@ def main(argv: list[str] | None = None) -> int:
     kv_blocks = args.kv_cache_blocks or kv_blocks_needed(wl, backend.tokenizer, backend.block_size)
     log(f"workload {wl.describe()}")
     with contextlib.ExitStack() as stack:
-        stack.enter_context(shared_loading())
         stack.callback(backend.close)
         lrt = args.last_round_tokens
         main_rows, ref = run_configs(backend, args.config_list, wl, kv_blocks, args.max_batched_tokens, log,

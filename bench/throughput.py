@@ -1,7 +1,7 @@
 """CPU generation throughput: nanodance against Hugging Face `transformers` on the same model.
 
 Both engines load the bundled default model (SmolLM2-135M-Instruct, the folder from
-`nanodance.prepare.default_model_dir()`) in the same dtype and decode the same chat prompts
+`nanodance.tools.prepare.default_model_dir()`) in the same dtype and decode the same chat prompts
 greedily, with the same number of new tokens per prompt:
 
     python bench/throughput.py                                  # bf16, batch 1 and 16, 64 tokens
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     transformers.utils.logging.disable_progress_bar()
 
-    from nanodance.prepare import default_model_dir
+    from nanodance.tools.prepare import default_model_dir
     from nanodance.tokenizer import Tokenizer
 
     load_before = loadavg()

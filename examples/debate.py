@@ -22,6 +22,7 @@ import time
 from collections import Counter
 
 from nanodance import LLM, SamplingParams, Shared
+from nanodance.segments import output_block_ids
 
 from kv_report import format_round_table, round_row
 
@@ -73,14 +74,20 @@ def first_prompt(agent: int, question: str) -> list[dict]:
             {"role": "user", "content": question + ASK}]
 
 
+def shared(out):
+    """An earlier answer as a Shared block; an answer with no tokens (an agent that failed or
+    stopped at once) cannot be shared, so it is shown as a note instead."""
+    return Shared(out) if output_block_ids(out) else "(no answer)"
+
+
 def debate_prompt(agent: int, question: str, previous: list) -> list[dict]:
     """Round r >= 1: the first turn again, the agent's own last answer, then everyone else's."""
     others = []
     for j, out in enumerate(previous):
         if j != agent:
-            others += ["One agent's solution:\n", Shared(out), "\n\n"]
+            others += ["One agent's solution:\n", shared(out), "\n\n"]
     return first_prompt(agent, question) + [
-        {"role": "assistant", "content": [Shared(previous[agent])]},
+        {"role": "assistant", "content": [shared(previous[agent])]},
         {"role": "user", "content": ["These are the solutions from the other agents:\n\n"] + others + [DEBATE]}]
 
 

@@ -23,32 +23,17 @@ p attends every key of its views with key position <= p; for a view with delta d
 are computed as (R(-d) q) . k_cached, which equals attention over keys re-rotated to their
 positions in this sequence.
 
-`kv_gather` is a torch-path helper, built lazily once per step and reused by all layers.
+Build one with `build_metadata` (the runner, the collector's reference forward and the kernel
+tests all do): it is the only place these tensors are assembled.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
-
-@dataclass
-class KVGather:
-    """Dense gather indices for the torch attention path (one per step, shared by layers).
-
-    slots   int64 [B, L]  flat pool slot of each key (0 for padding)
-    pos     int32 [B, L]  key position in the sequence (huge for padding, so it is masked)
-    delta   int32 [B, L]  rope delta of the view that holds the key
-    any_delta bool        False when every delta is 0 (skip the rotation entirely)
-    """
-
-    slots: torch.Tensor
-    pos: torch.Tensor
-    delta: torch.Tensor
-    any_delta: bool
-
-
-PAD_POS = 2**30  # a key position no query can reach
+ViewRow = tuple[int, int, int, int, int]  # (block, lo, hi, pos0, delta), one row of `views`
 
 
 @dataclass
@@ -62,41 +47,42 @@ class AttentionMetadata:
     max_views: int
     max_kv_len: int
     block_size: int
-    _gather: KVGather | None = field(default=None, repr=False)
     # Per-step values a backend derives once and reuses in every layer (e.g. the torch path's
-    # padded query indices and causal mask); cleared with the metadata after the step.
+    # key gather indices and causal masks); they live and die with the metadata of one step.
     step_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_seqs(self) -> int:
         return self.cu_seqlens_q.numel() - 1
 
-    def kv_gather(self) -> KVGather:
-        if self._gather is None:
-            self._gather = build_kv_gather(self.views, self.num_views, self.block_size, self.max_kv_len)
-        return self._gather
 
+def build_metadata(view_rows: Sequence[Sequence[ViewRow]], q_pos: Sequence[Sequence[int]], block_size: int,
+                   device: torch.device | str = "cpu", slots: Sequence[int] | None = None) -> AttentionMetadata:
+    """The metadata of one step: per sequence b, its view rows and its query positions.
 
-def build_kv_gather(views: torch.Tensor, num_views: torch.Tensor, block_size: int, max_kv_len: int) -> KVGather:
-    """Expand view rows into per-key slot/position/delta rows (vectorized, no Python per key)."""
-    device = views.device
-    B, V, _ = views.shape
-    L = max(max_kv_len, 1)
-    block, lo, hi, pos0, delta = views.long().unbind(-1)  # each [B, V]
-    valid_view = torch.arange(V, device=device)[None, :] < num_views.long()[:, None]
-    length = torch.where(valid_view, hi - lo, torch.zeros_like(hi))
-    start = torch.cumsum(length, dim=1) - length  # offset of each view in the gathered keys
-    # For each key column j, find its view: the last view whose start <= j.
-    j = torch.arange(L, device=device)
-    owner = torch.searchsorted(torch.cumsum(length, dim=1), j[None, :].expand(B, L).contiguous(), right=True)
-    total = length.sum(dim=1, keepdim=True)
-    valid = j[None, :] < total
-    owner = owner.clamp(max=V - 1)
-    offset = j[None, :] - torch.gather(start, 1, owner)
-    slot = torch.gather(block * block_size + lo, 1, owner) + offset
-    pos = torch.gather(pos0, 1, owner) + offset
-    dlt = torch.gather(delta, 1, owner)
-    slots = torch.where(valid, slot, torch.zeros_like(slot))
-    pos = torch.where(valid, pos, torch.full_like(pos, PAD_POS)).to(torch.int32)
-    dlt = torch.where(valid, dlt, torch.zeros_like(dlt)).to(torch.int32)
-    return KVGather(slots=slots, pos=pos, delta=dlt, any_delta=bool((dlt != 0).any()))
+    `slots` is the flat pool slot of every query token in order (its new K/V is written there);
+    None writes nothing (slot -1), as kernel tests that fill the cache themselves want.
+    """
+    B = len(view_rows)
+    max_views = max((len(rows) for rows in view_rows), default=0)
+    views = torch.zeros(B, max(max_views, 1), 5, dtype=torch.int32)
+    for b, rows in enumerate(view_rows):
+        if rows:
+            views[b, :len(rows)] = torch.tensor(rows, dtype=torch.int32)
+    lens = [len(p) for p in q_pos]
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    flat_pos = [p for ps in q_pos for p in ps]
+    slot_mapping = [-1] * len(flat_pos) if slots is None else list(slots)
+    return AttentionMetadata(
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+        q_pos=torch.tensor(flat_pos, dtype=torch.int32, device=device),
+        slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+        views=views.to(device),
+        num_views=torch.tensor([len(rows) for rows in view_rows], dtype=torch.int32, device=device),
+        max_seqlen_q=max(lens, default=0),
+        max_views=max_views,
+        max_kv_len=max((sum(hi - lo for _, lo, hi, _, _ in rows) for rows in view_rows), default=0),
+        block_size=block_size,
+    )

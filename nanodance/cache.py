@@ -58,6 +58,21 @@ class View:
         """One past the last position this view covers."""
         return self.pos0 + self.hi - self.lo
 
+    def clip(self, start: int, end: int) -> "View | None":
+        """The part of this view that covers positions [start, end), or None if they do not meet.
+
+        The one place views are narrowed: a kept cache truncated, a pinned output cut out of its
+        producer, a master trimmed to its segment, a view hidden past a step's last query.
+        """
+        x, y = max(start, self.pos0), min(end, self.end)
+        if x >= y:
+            return None
+        return View(self.block, self.lo + x - self.pos0, self.lo + y - self.pos0, x)
+
+    def moved(self, pos0: int) -> "View":
+        """The same slots placed at another position (a shared block read elsewhere)."""
+        return View(self.block, self.lo, self.hi, pos0)
+
 
 def chain_hash(parent: int | None, token_ids: Sequence[int]) -> int:
     """Hash of a full block given the hash of the block before it (None for the first)."""
@@ -156,6 +171,29 @@ class BlockPool:
             return None
         self.counters.prefix_hits += 1
         return block_id
+
+    def match_prefix(self, token_ids: Sequence[int], max_blocks: int) -> tuple[list[View], list[int]]:
+        """Take the longest run of cached full blocks of `token_ids` (at most `max_blocks`).
+
+        Returns their views (one reference taken on each, the caller now holds it) and their
+        chained hashes; empty when prefix caching is off or nothing matches.
+        """
+        views: list[View] = []
+        hashes: list[int] = []
+        if not self.enable_prefix_caching:
+            return views, hashes
+        bs, parent = self.block_size, None
+        for i in range(max_blocks):
+            block_tokens = token_ids[i * bs:(i + 1) * bs]
+            h = chain_hash(parent, block_tokens)
+            block = self.lookup(h, block_tokens)
+            if block is None:
+                break
+            self.ref(block)
+            views.append(View(block, 0, bs, i * bs))
+            hashes.append(h)
+            parent = h
+        return views, hashes
 
     def register(self, block_id: int, block_hash: int, token_ids: Sequence[int]) -> bool:
         """Publish a full, exactly computed block in the prefix index (first writer wins).

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from nanodance.errors import ModelLoadError
+from nanodance.errors import ConfigError
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -22,10 +22,6 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-class ConfigError(ModelLoadError):
-    """config.json is missing, malformed, or describes a model nanodance cannot run."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The error hierarchy: every error nanodance raises on purpose derives from `NanodanceError`.
+"""The error hierarchy: every error nanodance raises on purpose, all defined here, all deriving
+from `NanodanceError`.
 
 Each class also derives from the builtin that fits (`ValueError` for bad input, `RuntimeError`
 for a state the engine cannot get out of), so `except ValueError` keeps working for callers
@@ -11,7 +12,8 @@ any of them the engine stays usable and holds no block for the failed call.
     │   └── TokenizerError             tokenizer.json or chat template unusable (tokenizer.py)
     ├── RequestError (ValueError)      prompts, sampling params, rounds, engine options
     ├── CapacityError (RuntimeError)   shared blocks whose masters cannot be prefilled
-    └── PrepareError (RuntimeError)    preparing the default model failed (prepare.py)
+    └── PrepareError (RuntimeError)    preparing the default model failed (tools/prepare.py)
+        └── ModelPackageUnavailable    the GGUF is neither installed nor downloadable
 
 A single request that can never fit is not raised: it finishes with finish_reason "error" and
 the message of a `CapacityError` in its output, while the other requests complete.
@@ -33,3 +35,19 @@ class RequestError(NanodanceError, ValueError):
 
 class CapacityError(NanodanceError, RuntimeError):
     """The KV pool cannot hold what a request or a round's shared blocks need; the message says what to raise."""
+
+
+class ConfigError(ModelLoadError):
+    """config.json is missing, malformed, or describes a model nanodance cannot run."""
+
+
+class TokenizerError(ModelLoadError):
+    """The tokenizer files are missing or malformed, or the request cannot be rendered."""
+
+
+class PrepareError(NanodanceError, RuntimeError):
+    """The default model could not be prepared; the message says how to fix or retry."""
+
+
+class ModelPackageUnavailable(PrepareError):
+    """The GGUF could be found neither in an installed package nor by downloading the wheel."""

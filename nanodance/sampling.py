@@ -19,14 +19,16 @@ from nanodance.errors import RequestError
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1  # -1: no top-k restriction
-    max_tokens: int = 16
-    seed: int | None = None
-    stop: list[str] | str | None = None  # stop strings (not included in the text)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
+    """How one request samples (the defaults are vLLM's: sampled at temperature 1, 16 tokens)."""
+
+    temperature: float = 1.0  # 0 is greedy (exact argmax); higher flattens the distribution
+    top_p: float = 1.0  # nucleus: sample among the smallest set of tokens whose probability reaches top_p
+    top_k: int = -1  # sample among the k likeliest tokens; -1: no top-k restriction
+    max_tokens: int = 16  # new tokens at most (finish_reason "length" when reached)
+    seed: int | None = None  # the request's own generator: same tokens whatever else is in the batch
+    stop: list[str] | str | None = None  # stop strings (finish_reason "stop"; not included in the text)
+    stop_token_ids: list[int] = field(default_factory=list)  # stop on these ids too (kept in token_ids)
+    ignore_eos: bool = False  # keep going past the model's end-of-sequence tokens
 
     def __post_init__(self):
         self.validate()

@@ -13,6 +13,12 @@ One step (`schedule`) spends a token budget (`max_num_batched_tokens`):
    pool and `max_num_seqs` allow; an admitted sequence first reuses its cached prefix blocks.
 The result is a list of `ScheduledChunk`s; the runner turns them into one forward pass.
 
+A round request is laid out at admission by a `LayoutSource` (the collector): the scheduler
+asks it, through that one method, to give the sequence its views (master views, private blocks,
+diff blocks). Nothing is stored on the sequence to call back, and the scheduler never reaches
+into the engine: `postprocess` returns what happened (`StepResult`), and the engine decides
+what to keep of a finished sequence before calling `release`.
+
 Full blocks enter the prefix index when the step that completes them is scheduled, not after it
 ran (as in vLLM v1). So prompts admitted in the same step share their common prefix. That is
 safe because the forward pass writes every chunk's K/V into the pool before any attention of
@@ -22,11 +28,19 @@ the same layer reads it. If the step never runs (an exception between `schedule`
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
 
 from nanodance.cache import BlockPool, NoFreeBlocks, View, chain_hash
 from nanodance.sequence import Sequence, Status
+
+
+class LayoutSource(Protocol):
+    """Who lays out a round request's views at admission (the KV collector)."""
+
+    def lay_out(self, seq: Sequence) -> bool | None:
+        """Give fresh `seq` its views: True when done, False when the pool is short (nothing
+        is kept, the sequence is untouched), None when `seq` has no plan (plain prefix match)."""
 
 
 @dataclass
@@ -37,17 +51,30 @@ class ScheduledChunk:
 
 
 @dataclass
+class StepResult:
+    """What one step changed: requests whose prompt is now computed, and requests that finished.
+
+    Finished sequences still hold their views: the engine keeps what later rounds reuse (a
+    pinned output, a persistent agent's cache), then calls `Scheduler.release`. Finished
+    masters (`prefill_only`) keep theirs for the collector.
+    """
+
+    prefilled: list[Sequence] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)
+
+
+@dataclass
 class SchedulerCounters:
     prefill_tokens_computed: int = 0  # positions computed in chunks that were not decode steps
+    prefill_tokens_reused: int = 0  # prompt positions not computed (prefix hits, master views), per prefilled request
     decode_tokens: int = 0
-    prefix_cached_tokens: int = 0  # prompt positions served by prefix-cache hits
     preemptions: int = 0
     steps: int = 0
 
 
 class Scheduler:
     def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int,
-                 eos_token_ids: Iterable[int] = ()):
+                 eos_token_ids: Iterable[int] = (), layouts: LayoutSource | None = None):
         self.pool = pool
         self.block_size = pool.block_size
         self.max_num_seqs = max_num_seqs
@@ -56,12 +83,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.counters = SchedulerCounters()
+        self.layouts = layouts
         self._unwritten: list[int] = []  # blocks published by `schedule` whose step has not run yet
-        # Hooks for the round machinery (engine.py): `on_prefilled(seq)` when a sequence's prompt
-        # is computed (its first token sampled), `on_finish(seq)` just before a finished
-        # sequence's views are released (a producer's output KV is pinned there).
-        self.on_prefilled: Callable[[Sequence], None] | None = None
-        self.on_finish: Callable[[Sequence], None] | None = None
 
     # ------------------------------------------------------------------ queues
 
@@ -85,6 +108,13 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self._finish(seq, reason, error)
+        self.release(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Free a finished sequence's blocks (after the engine took what it keeps of them)."""
+        self.pool.release(seq.views)
+        seq.replace_views([])
+        seq.pending = []
 
     # ------------------------------------------------------------------ one step
 
@@ -112,11 +142,12 @@ class Scheduler:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
                 fresh = not seq.views
-                if fresh and seq.layout is not None:
-                    if not seq.layout(seq):  # the layout could not get its blocks; it cleaned up
+                if fresh:
+                    laid_out = self.layouts.lay_out(seq) if self.layouts is not None else None
+                    if laid_out is False:  # the layout could not get its blocks; it cleaned up
                         break
-                elif fresh:
-                    self.match_prefix(seq)
+                    if laid_out is None:
+                        seq.take_cached_prefix(self.pool)
                 take = seq.pending[:budget]
                 if not self._ensure_slots(seq, take[-1]):
                     if fresh:  # give back what admission took; it stays first in line
@@ -157,32 +188,6 @@ class Scheduler:
             seq.add_view(View(block, 0, self.block_size, seq.covered))
         return True
 
-    def match_prefix(self, seq: Sequence) -> None:
-        """Reuse the longest run of cached full blocks of the token prefix (>= 1 token left)."""
-        bs = self.block_size
-        if not self.pool.enable_prefix_caching or seq.pending[:1] != [0]:
-            return
-        tokens = seq.token_ids
-        max_blocks = min(len(tokens) - 1, seq.exact_prefix_len) // bs
-        parent = None
-        hits = 0
-        for i in range(max_blocks):
-            block_tokens = tokens[i * bs:(i + 1) * bs]
-            h = chain_hash(parent, block_tokens)
-            block = self.pool.lookup(h, block_tokens)
-            if block is None:
-                break
-            self.pool.ref(block)
-            seq.add_view(View(block, 0, bs, i * bs))
-            seq.block_hashes.append(h)
-            parent, hits = h, hits + 1
-        seq.num_hashed_blocks = hits
-        if hits:
-            seq.pending = [p for p in seq.pending if p >= hits * bs]
-            if seq.num_preemptions == 0:
-                seq.num_cached_tokens = hits * bs
-                self.counters.prefix_cached_tokens += hits * bs
-
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.pool.release(seq.views)
@@ -194,9 +199,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ after the step
 
-    def postprocess(self, chunks: list[ScheduledChunk], tokens: list[int | None]) -> list[Sequence]:
-        """Apply a step's results (`tokens[i]` for chunks that sampled); return finished sequences."""
-        finished = []
+    def postprocess(self, chunks: list[ScheduledChunk], tokens: list[int | None]) -> StepResult:
+        """Apply a step's results (`tokens[i]` for chunks that sampled)."""
+        result = StepResult()
         self._unwritten = []  # the step ran: what `schedule` published is written
         for chunk, token in zip(chunks, tokens):
             seq = chunk.seq
@@ -209,20 +214,21 @@ class Scheduler:
                 # A master: its K/V is computed; the views now belong to whoever asked for it.
                 self.running.remove(seq)
                 seq.status, seq.finish_reason = Status.FINISHED, "prefill"
-                finished.append(seq)
+                result.finished.append(seq)
                 continue
             if not chunk.sample:
                 continue
-            if not seq.output_token_ids and self.on_prefilled is not None:
-                self.on_prefilled(seq)
+            if not seq.output_token_ids:
+                self.counters.prefill_tokens_reused += seq.reused_positions
+                result.prefilled.append(seq)
             reason = self._append_token(seq, token)
             if reason is not None:
                 self.running.remove(seq)
                 self._finish(seq, reason)
-                finished.append(seq)
+                result.finished.append(seq)
             else:
                 seq.pending = [seq.num_tokens - 1]
-        return finished
+        return result
 
     def _append_token(self, seq: Sequence, token: int) -> str | None:
         """Append a sampled token; the finish reason if the sequence is done, else None."""
@@ -266,13 +272,6 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if seq.decoder is not None:
             seq.text += seq.decoder.flush()
-        # The reason first: `on_finish` must not keep the K/V of an aborted or failed sequence
-        # (its views may cover positions that were never computed).
         seq.finish_reason = reason
         seq.error = error
-        if self.on_finish is not None:
-            self.on_finish(seq)
-        self.pool.release(seq.views)
-        seq.replace_views([])
-        seq.pending = []
         seq.status = Status.FINISHED

@@ -18,7 +18,7 @@ import bisect
 import enum
 from dataclasses import dataclass, field
 
-from nanodance.cache import View
+from nanodance.cache import BlockPool, View
 from nanodance.sampling import SamplingParams
 
 
@@ -41,7 +41,7 @@ class Sequence:
     pending: list[int] = field(default_factory=list)
     exact_prefix_len: int = 1 << 62
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
-    reused_positions: int = 0  # prompt positions whose K/V was not computed for this request
+    reused_positions: int = 0  # prompt positions whose K/V this admission did not compute (prefix hits, views)
     num_preemptions: int = 0
     num_hashed_blocks: int = 0  # leading full blocks already published / matched
     block_hashes: list[int] = field(default_factory=list)
@@ -51,7 +51,6 @@ class Sequence:
     agent_id: object = None  # a persistent agent's id: its cache is kept when it finishes
     pin_output: bool = False  # a round request: keep its output's K/V as a producer master candidate
     prefill_only: bool = False  # a master: compute the prompt's K/V, sample nothing, keep the views
-    layout: object = None  # callable(seq) -> bool that lays out views at admission (round requests)
     decoder: object = None  # IncrementalDecoder, set by the engine when it has a tokenizer
     generator: object = None  # torch.Generator for sampling (the request's own when seeded)
     text: str = ""
@@ -99,6 +98,28 @@ class Sequence:
         """Flat pool slot that holds (or will hold) the K/V of position `pos`."""
         v = self.view_at(pos)
         return v.block * block_size + v.lo + (pos - v.pos0)
+
+    def take_cached_prefix(self, pool: BlockPool) -> int:
+        """Reuse the longest run of cached full blocks of the token prefix; returns the tokens reused.
+
+        Only at a fresh start (`pending` begins at 0), only inside `exact_prefix_len`, and at
+        least one token is always left to compute (its logits sample the first output).
+        """
+        if self.pending[:1] != [0]:
+            return 0
+        bs = pool.block_size
+        views, hashes = pool.match_prefix(self.token_ids, min(self.num_tokens - 1, self.exact_prefix_len) // bs)
+        for view in views:
+            self.add_view(view)
+        self.block_hashes.extend(hashes)
+        self.num_hashed_blocks = len(hashes)
+        hit = len(views) * bs
+        if hit:
+            self.pending = [p for p in self.pending if p >= hit]
+        self.reused_positions = hit
+        if self.num_preemptions == 0:
+            self.num_cached_tokens = hit
+        return hit
 
     def reset_for_recompute(self) -> None:
         """After preemption: no views, everything (prompt and output so far) to compute again."""

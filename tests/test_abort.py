@@ -57,7 +57,7 @@ def make_llm(folder, **kwargs) -> LLM:
 
 
 def release_all(llm: LLM) -> None:
-    for agent in list(llm._agents):
+    for agent in llm.agents.ids():
         llm.release_agent(agent)
     llm.release_round_outputs()
     assert llm.pool.num_used == 0, f"{llm.pool.num_used} blocks leaked"
@@ -249,7 +249,7 @@ def test_an_agent_aborted_mid_round_does_not_disturb_the_others(folder, reuse):
     for i in (0, 2, 3):
         assert r1[i].token_ids == expected[i].token_ids
     assert r1[1].request_id not in llm.collector.outputs  # no pinned output
-    assert "b" not in llm._agents and {"a", "c"} <= set(llm._agents)  # no kept cache for b
+    assert "b" not in llm.agents and {"a", "c"} <= set(llm.agents.ids())  # no kept cache for b
     llm.check_invariants()
     # The aborted output still works as a shared block (a standalone master now).
     standalone = llm.collector.counters.standalone_masters
@@ -262,33 +262,33 @@ def test_an_agent_aborted_mid_round_does_not_disturb_the_others(folder, reuse):
 def test_an_agent_aborted_while_the_collector_runs_never_starts(folder):
     llm = make_llm(folder, reuse="tokendance", master="standalone")
     r0 = llm.run_round([[p] for p in PROMPTS[:2]], greedy(4), agents=["a", "b"], use_tqdm=False)
-    run_masters = llm._run_masters
+    run_masters = llm.engine.prefill_masters
     target = []
 
     def abort_then_run(id_lists):
         assert llm.abort(target[0])
         return run_masters(id_lists)
 
-    llm._run_masters = abort_then_run
+    llm.engine.prefill_masters = abort_then_run
     prompts = [[PROMPTS[0] + r0[0].token_ids, Shared(PROMPTS[2])], [PROMPTS[1] + r0[1].token_ids, Shared(PROMPTS[2])]]
     on_first_step = []
 
     def hook(outputs):
         on_first_step.append([o.finish_reason for o in outputs])
 
-    original_make = llm._make_sequence
+    original_make = llm.engine.make_sequence
 
-    def remember(*args):
-        seq = original_make(*args)
+    def remember(*args, **kwargs):
+        seq = original_make(*args, **kwargs)
         if not target:
             target.append(seq.seq_id)
         return seq
 
-    llm._make_sequence = remember
+    llm.engine.make_sequence = remember
     r1 = llm.run_round(prompts, greedy(4), agents=["a", "b"], use_tqdm=False, on_step=hook)
     assert r1[0].finish_reason == "abort" and r1[0].token_ids == []
     assert on_first_step[0][0] == "abort"  # it never ran a step
     assert r1[1].finish_reason == "length"
-    assert "a" in llm._agents  # never laid out: its previous cache is still its own
+    assert "a" in llm.agents  # never laid out: its previous cache is still its own
     llm.check_invariants()
     release_all(llm)

@@ -30,10 +30,15 @@ is passed in: negative temperature, top_p outside (0, 1], top_k 0 or below -1, m
 stop strings (and stop token ids) of the wrong type; sampling_params that are not
 SamplingParams.
 Round misuse, `RequestError`: an empty round; `Shared` of an unsupported type (and a bare
-output or a number as a segment); a `Shared` output of another engine instance, even an empty
-one (engine ids are never reused, even after an engine is collected); repeated or unhashable persistent agent ids;
+output or a number as a segment); `Shared` of an output with no tokens (refused by `Shared()`
+itself, naming the request); a `Shared` output of another engine instance (engine ids are never
+reused, even after an engine is collected); repeated or unhashable persistent agent ids;
 `recompute_ratio` outside [0, 1]; an unknown `reuse` mode (the choices are listed); other
 invalid engine options.
+Chat markup, a `UserWarning` (not an error): a segment list of plain text and `Shared` blocks for
+a model with a chat template, none of whose strings holds the template's markup, says that it
+skips the template and shows chat messages with `Shared` parts; chat messages, strings with the
+markup, token-id segments and models without a template do not warn.
 Preparation: a default-model preparation that fails half-way raises `PrepareError` with the
 command to retry and leaves no partial folder behind.
 """
@@ -43,13 +48,16 @@ import gc
 import json
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanodance import LLM, SamplingParams, Shared
+from nanodance import LLM, RequestOutput, SamplingParams, Shared
 from nanodance.errors import CapacityError, ModelLoadError, NanodanceError, RequestError
+from nanodance.segments import encode_segments
+from fixtures_default_model import default_model_dir, default_tokenizer  # noqa: F401
 from tiny_checkpoints import random_ids as ids, write_tiny_checkpoint
 
 BLOCK = 4
@@ -98,7 +106,7 @@ def assert_usable(llm: LLM) -> None:
     out = llm.generate([PROMPT], GREEDY, use_tqdm=False)[0]
     assert out.finish_reason == "length" and out.token_ids == alone(llm, PROMPT)
     llm.check_invariants()
-    for agent in list(llm._agents):
+    for agent in llm.agents.ids():
         llm.release_agent(agent)
     llm.release_round_outputs()
     assert llm.pool.num_used == 0, f"{llm.pool.num_used} blocks leaked"
@@ -142,9 +150,7 @@ def edit_config(path, **changes) -> None:
 
 
 def test_every_error_class_is_a_nanodance_error_and_the_builtin_that_fits():
-    from nanodance.config import ConfigError
-    from nanodance.prepare import ModelPackageUnavailable, PrepareError
-    from nanodance.tokenizer import TokenizerError
+    from nanodance.errors import ConfigError, ModelPackageUnavailable, PrepareError, TokenizerError
 
     for cls in (ModelLoadError, ConfigError, TokenizerError, RequestError):
         assert issubclass(cls, NanodanceError) and issubclass(cls, ValueError), cls
@@ -368,10 +374,33 @@ def test_a_shared_output_of_another_engine_is_refused(folder, engine):
     assert ok.finish_reason == "length"
     failed = other.generate([ids(600, seed=15)], GREEDY, use_tqdm=False)[0]  # too long: no tokens at all
     assert failed.finish_reason == "error" and failed.token_ids == []
-    with raises(RequestError, "different LLM instance"):
+    # An empty output is refused already by Shared(), before the engine could tell whose it is.
+    with raises(RequestError, "produced no tokens"):
         engine.run_round([[ids(4, seed=12), Shared(failed)]], GREEDY, use_tqdm=False)
     assert_usable(engine)
     assert_usable(other)
+
+
+def test_sharing_an_output_without_tokens_is_refused_at_shared(engine):
+    failed = engine.generate([ids(600, seed=15)], GREEDY, use_tqdm=False)[0]  # too long: no tokens
+    assert failed.finish_reason == "error" and failed.token_ids == []
+    with raises(RequestError, "Shared()", f"request {failed.request_id}", "produced no tokens", "it failed",
+                failed.error, "token_ids"):
+        Shared(failed)
+    # Only a stop token is no tokens either: a Shared block never carries the final stop token.
+    said_nothing = RequestOutput(request_id=99, prompt=PROMPT, prompt_token_ids=PROMPT, text="", token_ids=[0],
+                                 finish_reason="stop", num_prompt_tokens=len(PROMPT), num_cached_tokens=0,
+                                 stopped_by_token=True, engine_id=failed.engine_id)
+    with raises(RequestError, "request 99", "produced no tokens", "stopped at once", "plain-string prompt",
+                "chat messages"):
+        Shared(said_nothing)
+    aborted = RequestOutput(**{**said_nothing.__dict__, "token_ids": [], "finish_reason": "abort",
+                               "stopped_by_token": False})
+    with raises(RequestError, "request 99", "produced no tokens", "'abort'"):
+        Shared(aborted)
+    said_one = RequestOutput(**{**said_nothing.__dict__, "token_ids": [7, 0]})
+    assert Shared(said_one).value is said_one
+    assert_usable(engine)
 
 
 def test_engine_ids_are_never_reused_after_an_engine_is_collected(folder):
@@ -402,7 +431,7 @@ def test_repeated_or_unhashable_persistent_agent_ids_are_refused(engine):
         engine.run_round([[PROMPT], [PROMPT[:5]]], GREEDY, agents=["x"], use_tqdm=False)
     with raises(RequestError, "list of ids"):
         engine.run_round([[PROMPT], [PROMPT[:5]]], GREEDY, agents="xy", use_tqdm=False)
-    assert engine.pool.num_used == kept and set(engine._agents) == {"x", "y"}  # the kept caches are intact
+    assert engine.pool.num_used == kept and set(engine.agents.ids()) == {"x", "y"}  # the kept caches are intact
     r1 = engine.run_round([[PROMPT + r0[0].token_ids, [5]]], GREEDY, agents=["x"], use_tqdm=False)
     assert r1[0].num_cached_tokens == 0 and r1.stats["prefill_tokens_computed"] < len(PROMPT)  # x's cache served it
     assert_usable(engine)
@@ -435,10 +464,45 @@ def test_other_invalid_engine_options_are_named(folder, engine, kwargs, name):
     assert_usable(engine)
 
 
+# --- chat markup -----------------------------------------------------------------------------------
+
+def test_plain_text_segments_for_a_chat_model_without_its_markup_warn(default_tokenizer):
+    tok = default_tokenizer
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    with pytest.warns(UserWarning, match="skips the model's chat template") as caught:
+        enc = encode_segments(["You are agent A. ", Shared("the shared news"), " Your answer?"], tok)
+    assert len(caught) == 1 and "'role': 'user'" in str(caught[0].message)  # the one-line example
+    assert enc.token_ids == tok.encode("You are agent A. ") + tok.encode("the shared news") + tok.encode(" Your answer?")
+    with pytest.warns(UserWarning, match="chat template"):
+        encode_segments(["no markup, ", "no Shared either"], tok)
+
+
+@pytest.mark.parametrize("prompt", [
+    ["<|im_start|>user\nYou are agent A. ", Shared("the shared news"), "<|im_end|>\n<|im_start|>assistant\n"],
+    [Shared("<|im_start|>system\nThe town rules.<|im_end|>\n"), "<|im_start|>user\nHi<|im_end|>\n"],
+    [{"role": "user", "content": ["Others said: ", Shared("the shared news"), " Your answer?"]}],
+    [[1, 2, 3], Shared("the shared news"), " Your answer?"],  # ids may carry the markup already
+])
+def test_chat_messages_or_prompts_with_the_markup_do_not_warn(default_tokenizer, prompt):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode_segments(prompt, default_tokenizer)
+
+
+def test_plain_text_segments_for_a_model_without_a_chat_template_do_not_warn(default_tokenizer):
+    from nanodance.tokenizer import Tokenizer
+
+    no_template = Tokenizer(default_tokenizer._backend, eos_token=default_tokenizer.eos_token)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode_segments(["You are agent A. ", Shared("the shared news")], no_template)
+
+
 # --- preparation ------------------------------------------------------------------------------------
 
 def test_a_preparation_failing_half_way_leaves_nothing_and_says_how_to_retry(tmp_path, monkeypatch):
-    from nanodance import prepare
+    from nanodance.errors import PrepareError
+    from nanodance.tools import prepare
 
     if prepare._installed_gguf() is None:
         pytest.skip(f"{prepare.PACKAGE_NAME} is not installed ({prepare.INSTALL_COMMAND})")
@@ -449,7 +513,7 @@ def test_a_preparation_failing_half_way_leaves_nothing_and_says_how_to_retry(tmp
         raise OSError("No space left on device")
 
     monkeypatch.setattr(prepare, "convert_gguf_to_hf", convert_then_fail)
-    with raises(prepare.PrepareError, prepare.RETRY_COMMAND, "No space left"):
+    with raises(PrepareError, prepare.RETRY_COMMAND, "No space left"):
         prepare.prepare_default_model(cache_root=tmp_path, progress=False)
     models = tmp_path / "models"
     assert not models.exists() or list(models.iterdir()) == []

@@ -24,9 +24,9 @@ from kv_report import prefix_equivalent_bytes  # noqa: E402
 @pytest.fixture(scope="module")
 def model_loaded_once(default_model_dir):  # noqa: F811
     """Engines built by the examples share one loaded model (weights are only read)."""
-    import nanodance.engine as engine
+    import nanodance.weights as weights
 
-    load, loaded = engine.load_model, {}
+    load, loaded = weights.load_model, {}
 
     def load_once(folder, cfg, dtype, device="cpu"):
         key = (str(folder), dtype, str(device))
@@ -35,7 +35,7 @@ def model_loaded_once(default_model_dir):  # noqa: F811
         return loaded[key]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine, "load_model", load_once, raising=False)
+        mp.setattr(weights, "load_model", load_once)
         yield default_model_dir
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from nanodance.attention_metadata import AttentionMetadata
-from nanodance.kernels.synthetic import default_inv_freq, fill_cache, make_metadata, random_views
+from nanodance.attention_metadata import AttentionMetadata, build_metadata
+from nanodance.tools.synthetic import default_inv_freq, fill_cache, random_views
 from nanodance.kernels.torch_ref import paged_attention_torch
 from nanodance.kernels.triton_attention import paged_attention_triton, plan_attention
 
@@ -64,7 +64,7 @@ def build_case(seed: int, dtype: torch.dtype, block_size: int, head_dim: int, gr
     num_blocks = len(used) + 1
     k_cache = fill_cache(num_blocks, block_size, num_kv_heads, head_dim, views, dtype, generator=gen)
     v_cache = fill_cache(num_blocks, block_size, num_kv_heads, head_dim, views, dtype, generator=gen)
-    meta = make_metadata(views, q_pos, block_size)
+    meta = build_metadata(views, q_pos, block_size)
     q = torch.randn(meta.q_pos.numel(), group * num_kv_heads, head_dim, generator=gen).to(dtype)
     return Case(q, k_cache, v_cache, meta, views, q_pos, default_inv_freq(head_dim), head_dim ** -0.5)
 
@@ -244,7 +244,7 @@ def test_delta_view_equals_keys_rerotated_to_new_positions():
               (9, 0, 3, 72, 0)]]
     assert [v[4] for v in views[0]] == [0, 5, 5, -68, -68, -68, 0]
     q_pos = [[72, 73, 74]]
-    meta = make_metadata(views, q_pos, P)
+    meta = build_metadata(views, q_pos, P)
     q64 = torch.randn(3, G * Hkv, D, generator=gen, dtype=torch.float64)
     q = q64.float()
 
@@ -260,7 +260,7 @@ def test_delta_view_equals_keys_rerotated_to_new_positions():
     torch.testing.assert_close(twin.double(), ref, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(tri.double(), ref, atol=2e-5, rtol=2e-5)
     # And the deltas matter: the same views with delta 0 give a clearly different answer.
-    meta0 = make_metadata([[v[:4] + (0,) for v in views[0]]], q_pos, P)
+    meta0 = build_metadata([[v[:4] + (0,) for v in views[0]]], q_pos, P)
     wrong = paged_attention_torch(q, k_cache, v_cache, meta0, inv, D ** -0.5)
     assert (wrong.double() - ref).abs().max() > 1e-2
 

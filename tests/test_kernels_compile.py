@@ -28,7 +28,7 @@ def _have_nvidia_backend() -> bool:
 @pytest.mark.skipif(not _have_nvidia_backend(), reason="triton without its NVIDIA backend/ptxas")
 def test_kernels_compile_for_sm90_without_spills():
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "nanodance.kernels.compile_check", "--arch", "90", "--quick"],
+    r = subprocess.run([sys.executable, "-m", "nanodance.tools.compile_check", "--arch", "90", "--quick"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = [line for line in r.stdout.splitlines() if line.startswith("sm_90")]

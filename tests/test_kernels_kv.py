@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import nanodance.kernels as K
-from nanodance.kernels.synthetic import default_inv_freq
+from nanodance.tools.synthetic import default_inv_freq
 from nanodance.kernels.torch_ref import (key_deviation_torch, per_block_sum, rope_cos_sin, rotate, rotate_copy_torch,
                                          store_kv_torch)
 from nanodance.kernels.triton_common import check_launchable

@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanodance.attention_metadata import AttentionMetadata
-from nanodance.config import ConfigError, ModelConfig, rope_inv_freq
-from nanodance.errors import ModelLoadError
+from nanodance.config import ModelConfig, rope_inv_freq
+from nanodance.errors import ConfigError, ModelLoadError
 from nanodance.model import CausalLM
 from nanodance.weights import load_model
 from tiny_checkpoints import KINDS, write_tiny_checkpoint

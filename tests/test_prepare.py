@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanodance import prepare
-from nanodance.prepare import (GGUF_FILENAME, INSTALL_COMMAND, MARKER_FILE, MODEL_NAME,
-                               RETRY_COMMAND, ModelPackageUnavailable, PrepareError,
-                               model_cache_dir, prepare_default_model, unpermute_qk)
+from nanodance.errors import ModelPackageUnavailable, PrepareError
+from nanodance.tools import prepare
+from nanodance.tools.prepare import (GGUF_FILENAME, INSTALL_COMMAND, MARKER_FILE, MODEL_NAME, RETRY_COMMAND,
+                                     model_cache_dir, prepare_default_model, unpermute_qk)
 
 
 @pytest.fixture(scope="session")
@@ -116,7 +116,7 @@ def test_prepare_is_a_no_op_once_prepared(fresh_model_dir, monkeypatch):
 
 
 def test_cli_prepare_prints_the_folder(fresh_model_dir, monkeypatch, capsys):
-    from nanodance.__main__ import main
+    from nanodance.tools.cli import main
 
     monkeypatch.setenv("NANODANCE_CACHE", str(fresh_model_dir.parent.parent))
     assert main(["prepare"]) == 0

@@ -134,7 +134,9 @@ class Driver:
             for i, a in enumerate(agents):
                 name = AGENT_IDS[i] if a["persistent"] and i < len(AGENT_IDS) else None
                 head = self.history.get(name) or PERSONAS[a["persona"]]
-                parts = [head] + [Shared(self.prev[j]) for j in a["shared"] if j < len(self.prev)]
+                # Shared() refuses an output without tokens: one that failed in the tight pool.
+                parts = [head] + [Shared(self.prev[j]) for j in a["shared"]
+                                  if j < len(self.prev) and self.prev[j].token_ids]
                 parts += ([common] if a["common"] else []) + [TAIL]
                 prompts.append(parts)
                 names.append(name)
@@ -178,11 +180,11 @@ def all_views(llm: LLM) -> list:
     sc, views = llm.scheduler, []
     for s in (*sc.running, *sc.waiting):
         views += s.views
-    for own in (*llm._agents.values(), *llm._owns_in_flight):
-        views += own.views
+    for held in llm.agents.holders():
+        views += held
     if llm.collector is not None:
-        for m in (*llm.collector.outputs.values(), *llm.collector.round_masters):
-            views += m.views
+        for held in llm.collector.holders():
+            views += held
     return views
 
 
@@ -198,7 +200,7 @@ def check_pool(llm: LLM) -> None:
 
 
 def release_everything(llm: LLM) -> None:
-    for agent in list(llm._agents):
+    for agent in llm.agents.ids():
         llm.release_agent(agent)
     llm.release_round_outputs()
     llm.reset_prefix_cache()

@@ -76,7 +76,7 @@ def make_llm(folder, **kwargs) -> LLM:
 def holders(llm: LLM) -> list[list[int]]:
     """Every reference that may outlive a round: pinned outputs (producer masters), kept agent caches."""
     pinned = [[v.block for v in m.views] for m in llm.collector.outputs.values()] if llm.collector else []
-    kept = [[v.block for v in a.views] for a in llm._agents.values()]
+    kept = [[v.block for v in views] for views in llm.agents.holders()]
     return pinned + kept
 
 
@@ -86,7 +86,7 @@ def check_refs(llm: LLM) -> None:
 
 def release_all(llm: LLM) -> None:
     """Forget every persistent agent and pinned output: then no block may stay referenced."""
-    for agent in list(llm._agents):
+    for agent in llm.agents.ids():
         llm.release_agent(agent)
     if llm.collector is not None:
         llm.collector.release_outputs()
@@ -201,13 +201,15 @@ def test_layer0_keys_of_a_standalone_master_are_position_independent(folder):
     prompt = PERSONAS[2] + seg + TASK
     start = len(PERSONAS[2])
     spans = encode_segments([PERSONAS[2], Shared(seg), TASK], None).spans
-    llm.collector.prepare_round([prompt], [spans], llm._run_masters, [None])
-    (master,) = llm.collector.round_masters
+    collector = llm.collector
+    collector.adopt_masters(llm.engine.prefill_masters(collector.begin_round([spans])))
+    collector.plan_round([prompt], [spans], [None])
+    (master,) = collector.round_masters
     assert master.start == 1  # behind the sink token
     dev0 = _master_keys_deviation(llm, master, prompt, start, layer=0)
     assert dev0.max().item() < 1e-9
     assert _master_keys_deviation(llm, master, prompt, start, layer=1).max().item() > 1e-4
-    llm.collector.release_round()
+    collector.end_round(keep_outputs=set())
     release_all(llm)
 
 
@@ -254,7 +256,7 @@ def test_persistent_agent_continuation_is_exact(folder, reuse):
     a0 = llm.run_round([[p0]], greedy(9), agents=["ann"], use_tqdm=False)
     check_refs(llm)
     assert a0[0].token_ids == o0.token_ids
-    assert "ann" in llm._agents
+    assert "ann" in llm.agents
     a1 = llm.run_round([[p1]], greedy(9), agents=["ann"], use_tqdm=False)
     check_refs(llm)
     assert a1[0].token_ids == o1.token_ids

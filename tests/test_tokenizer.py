@@ -7,7 +7,8 @@ import random
 import pytest
 from fixtures_default_model import default_model_dir, default_tokenizer  # noqa: F401
 
-from nanodance.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
+from nanodance.errors import TokenizerError
+from nanodance.tokenizer import IncrementalDecoder, Tokenizer
 
 TEXTS = [
     "Hello, world!",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanodance.attention_metadata import PAD_POS, AttentionMetadata
+from nanodance.attention_metadata import AttentionMetadata
 
 
 def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,6 +34,59 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+PAD_POS = 2**30  # a key position no query can reach
+
+
+@dataclass
+class KVGather:
+    """Dense gather indices for the torch attention path (one per step, shared by layers).
+
+    slots   int64 [B, L]  flat pool slot of each key (0 for padding)
+    pos     int32 [B, L]  key position in the sequence (huge for padding, so it is masked)
+    delta   int32 [B, L]  rope delta of the view that holds the key
+    any_delta bool        False when every delta is 0 (skip the rotation entirely)
+    """
+
+    slots: torch.Tensor
+    pos: torch.Tensor
+    delta: torch.Tensor
+    any_delta: bool
+
+
+def kv_gather(meta: AttentionMetadata) -> KVGather:
+    """The step's gather indices, built on first use and kept in `meta.step_cache` for every layer."""
+    g = meta.step_cache.get("kv_gather")
+    if g is None:
+        g = meta.step_cache["kv_gather"] = build_kv_gather(meta.views, meta.num_views, meta.block_size,
+                                                           meta.max_kv_len)
+    return g
+
+
+def build_kv_gather(views: torch.Tensor, num_views: torch.Tensor, block_size: int, max_kv_len: int) -> KVGather:
+    """Expand view rows into per-key slot/position/delta rows (vectorized, no Python per key)."""
+    device = views.device
+    B, V, _ = views.shape
+    L = max(max_kv_len, 1)
+    block, lo, hi, pos0, delta = views.long().unbind(-1)  # each [B, V]
+    valid_view = torch.arange(V, device=device)[None, :] < num_views.long()[:, None]
+    length = torch.where(valid_view, hi - lo, torch.zeros_like(hi))
+    start = torch.cumsum(length, dim=1) - length  # offset of each view in the gathered keys
+    # For each key column j, find its view: the last view whose start <= j.
+    j = torch.arange(L, device=device)
+    owner = torch.searchsorted(torch.cumsum(length, dim=1), j[None, :].expand(B, L).contiguous(), right=True)
+    total = length.sum(dim=1, keepdim=True)
+    valid = j[None, :] < total
+    owner = owner.clamp(max=V - 1)
+    offset = j[None, :] - torch.gather(start, 1, owner)
+    slot = torch.gather(block * block_size + lo, 1, owner) + offset
+    pos = torch.gather(pos0, 1, owner) + offset
+    dlt = torch.gather(delta, 1, owner)
+    slots = torch.where(valid, slot, torch.zeros_like(slot))
+    pos = torch.where(valid, pos, torch.full_like(pos, PAD_POS)).to(torch.int32)
+    dlt = torch.where(valid, dlt, torch.zeros_like(dlt)).to(torch.int32)
+    return KVGather(slots=slots, pos=pos, delta=dlt, any_delta=bool((dlt != 0).any()))
 
 
 def store_kv_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -60,7 +113,7 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     """
     T, Hq, D = q.shape
     B = meta.num_seqs
-    g = meta.kv_gather()
+    g = kv_gather(meta)
     Hkv = k_cache.shape[2]
     m = _step_masks(meta, g, T)
     k = k_cache.view(-1, Hkv, D)[m.slots]  # [B, L, Hkv, D]

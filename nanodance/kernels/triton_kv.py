@@ -22,7 +22,7 @@ from nanodance.kernels.triton_common import check_launchable, next_pow2, rope_ro
 def tokens_per_program(heads: int, half: int, budget: int) -> int:
     """Tokens per program so one [BLOCK_T, H_PAD, HALF_PAD] tile holds about `budget` elements.
 
-    Sized from ptxas reports for sm_90 (see compile_check): ~1K fp32 elements per tile keeps
+    Sized from ptxas reports for sm_90 (see tools/compile_check.py): ~1K fp32 elements per tile keeps
     the rotating kernels (several live fp32 tiles) free of register spills with 4 warps."""
     fit = max(1, budget // (next_pow2(heads) * next_pow2(half)))
     return 1 << (fit.bit_length() - 1)  # the largest power of two <= fit (tl.arange needs one)

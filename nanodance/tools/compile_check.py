@@ -1,6 +1,6 @@
 """Compile the Triton kernels for a GPU on a machine without one, exactly as they would launch.
 
-    TRITON_INTERPRET=0 python -m nanodance.kernels.compile_check [--arch 90] [--arch 80]
+    TRITON_INTERPRET=0 python -m nanodance.tools.compile_check [--arch 90] [--arch 80]
 
 The interpreter that runs the CPU tests accepts kernels a GPU compiler rejects (dot tiles under
 16, sibling branches binding one name to different types, ...). This tool runs each launcher on
@@ -125,8 +125,9 @@ def ptxas_report(compiled, arch: int) -> str:
 def representative_launches(quick: bool = False) -> list[Launch]:
     """Launches the engine makes: decode, split-K decode, long and short prefill (bf16), fp32,
     fp16 with head_dim 64 and GQA 3, block size 32, and the KV/diff kernels."""
+    from nanodance.attention_metadata import build_metadata
     from nanodance.kernels import triton_attention, triton_kv
-    from nanodance.kernels.synthetic import default_inv_freq, make_metadata
+    from nanodance.tools.synthetic import default_inv_freq
 
     sink: list[Launch] = []
 
@@ -138,7 +139,7 @@ def representative_launches(quick: bool = False) -> list[Launch]:
             views.append([(nb + i, 0, min(page, kv_len - i * page), i * page, 0) for i in range(nv)])
             nb += nv
             q_pos.append(list(range(kv_len - nq, kv_len)))
-        meta = make_metadata(views, q_pos, page)
+        meta = build_metadata(views, q_pos, page)
         cache = torch.zeros(nb, page, Hkv, D, dtype=dtype)
         q = torch.zeros(meta.q_pos.numel(), Hq, D, dtype=dtype)
         with record_launches(triton_attention, ["_attention_kernel", "_merge_splits_kernel"], label, sink):

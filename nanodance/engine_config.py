@@ -1,0 +1,120 @@
+"""`EngineConfig`: every engine option in one object, validated in one place, passed whole.
+
+`LLM(path, **options)` builds one; the engine, the scheduler's limits and the collector all
+read from it. Options that depend on the model (`check_layer` against its layer count) are
+checked by `validate_for_model` as soon as the model's config is known, before any weight
+is loaded.
+
+Defaults are what a CPU user should get: `dtype="auto"` is float32 on CPU (PyTorch's bf16
+matmuls are slower than fp32 on CPUs without native bf16; prefill-heavy rounds run ~2x
+faster in fp32 there) and bfloat16 on CUDA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from nanodance.errors import RequestError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+REUSE_MODES = ("none", "prefix", "pic", "tokendance")
+SCHEMES = ("block", "first", "token")
+MASTER_SOURCES = ("producer", "standalone")
+SELECTIONS = ("collective", "per_agent")
+DEFAULT_KV_CACHE_MEMORY = 512 * 2**20  # bytes, when neither kv_cache_blocks nor kv_cache_memory is given
+
+
+@dataclass
+class EngineConfig:
+    """Engine options (see the `LLM` docstring for what each does)."""
+
+    dtype: str | torch.dtype = "auto"  # "auto" | "float32" | "bfloat16" | "float16" (or a torch.dtype)
+    device: str | torch.device | None = None  # None: cuda if available, else cpu
+    block_size: int = 16  # KV slots per block
+    kv_cache_blocks: int | None = None  # pool size in blocks; None: from kv_cache_memory
+    kv_cache_memory: int | None = None  # pool size in bytes; None: 512 MiB
+    max_num_seqs: int = 64  # requests running at once
+    max_num_batched_tokens: int = 2048  # tokens per engine step (prefill chunks + decodes)
+    max_model_len: int | None = None  # longest sequence; None: the model's max_position_embeddings
+    reuse: str = "tokendance"  # "none" | "prefix" | "pic" | "tokendance"
+    seed: int = 0  # the engine's sampling generator (a request's own `seed` overrides it)
+    recompute_ratio: float = 0.15  # share of each shared block recomputed in each agent's context
+    recompute_scheme: str = "block"  # "block" | "first" | "token"
+    master: str = "producer"  # "producer" (last round's decode KV) | "standalone" (prefilled alone)
+    master_sink: bool = True  # prefill standalone masters behind a bos sink token
+    check_layer: int = 1  # layer whose key deviation picks the recomputed blocks
+    selection: str = "collective"  # "collective" (once per block) | "per_agent" (pic always is)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise RequestError naming the first bad option; nothing has been built yet."""
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_blocks", "kv_cache_memory",
+                     "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise RequestError(f"{name} must be a positive int, got {value!r}")
+        _choice("reuse", self.reuse, REUSE_MODES)
+        _choice("recompute_scheme", self.recompute_scheme, SCHEMES)
+        _choice("master", self.master, MASTER_SOURCES)
+        _choice("selection", self.selection, SELECTIONS)
+        ratio = self.recompute_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+            raise RequestError(f"recompute_ratio must be in [0, 1], got {ratio!r}")
+        if isinstance(self.check_layer, bool) or not isinstance(self.check_layer, int) or self.check_layer < 0:
+            raise RequestError(f"check_layer must be a non-negative int, got {self.check_layer!r}")
+        if not isinstance(self.seed, int):
+            raise RequestError(f"seed must be an int, got {self.seed!r}")
+        self.torch_dtype()  # raises for an unknown dtype
+
+    def validate_for_model(self, num_layers: int) -> None:
+        if self.uses_collector and not self.check_layer < num_layers:
+            raise RequestError(f"check_layer must be in [0, {num_layers}), got {self.check_layer}")
+
+    def torch_dtype(self) -> torch.dtype:
+        dtype = self.dtype
+        if dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+            return dtype
+        if isinstance(dtype, str) and dtype in DTYPES:
+            return DTYPES[dtype]
+        raise RequestError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+
+    def torch_device(self) -> torch.device:
+        if self.device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            return torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise RequestError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {self.device!r}") from None
+
+    @property
+    def uses_collector(self) -> bool:
+        """Modes that reuse shared blocks at new positions (the others never call the collector)."""
+        return self.reuse in ("pic", "tokendance")
+
+    @property
+    def per_agent_selection(self) -> bool:
+        return self.selection == "per_agent" or self.reuse == "pic"
+
+    @property
+    def dense_copy(self) -> bool:
+        """The `pic` baseline: every shared token copied into the agent's private blocks."""
+        return self.reuse == "pic"
+
+    def with_options(self, **changes) -> "EngineConfig":
+        """A validated copy with some options changed (RequestError for an unknown name)."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise RequestError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
+        return replace(self, **changes)
+
+
+def _choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise RequestError(f"unknown {name} {value!r}; choose one of {choices}")

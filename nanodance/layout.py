@@ -1,0 +1,212 @@
+"""An agent's layout: for every prompt position, where its K/V comes from (docs/design.md).
+
+The collector decides per round *what* each agent reuses; this module turns that into the
+agent's *views*, once, when the scheduler admits its request.
+
+    plan_agent(n, spans, masters, offsets, ...) -> AgentPlan   positions -> runs
+    lay_out(seq, plan, pool, kv, inv_freq) -> bool              runs -> views (+ copies)
+    RoundLayouts: the plans of the call in flight by sequence id; the scheduler's LayoutSource
+
+A run is a range of prompt positions with one source:
+- "view": a master's slots, read in place at this agent's positions through the view's rope
+  delta. No copy, one reference per block.
+- "compute": private slots filled by this round's extend prefill. Private text, recomputed
+  chunks of shared blocks (the mirror's diff), a persistent agent's kept cache.
+- "copy": private slots filled now by re-rotating the master's K/V (`kernels.rotate_copy`):
+  the `pic` baseline and the `token` scheme's chunks, partly recomputed after.
+
+Private blocks obey the frame rule: slot s of a block framed at frame0 holds position
+frame0 + s, so consecutive private runs share a block only inside its frame.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from nanodance import kernels
+from nanodance.agents import AgentCache
+from nanodance.cache import BlockPool, KVCache, NoFreeBlocks, View
+from nanodance.masters import Master
+from nanodance.segments import SharedSpan
+from nanodance.sequence import Sequence
+
+
+@dataclass
+class Run:
+    """Prompt positions [start, end) and where their K/V comes from."""
+
+    start: int
+    end: int
+    kind: str  # "compute" (private, computed) | "view" (master, in place) | "copy" (private copy of master)
+    master: Master | None = None
+    offset: int = 0  # segment offset of `start` (view / copy runs)
+
+
+@dataclass
+class AgentPlan:
+    runs: list[Run]
+    recompute: list[int]  # positions inside shared spans that are recomputed
+    prefix_len: int  # leading positions that are exact (prefix-cacheable)
+    own: AgentCache | None = None  # positions [0, len(own.token_ids)) come from the agent's kept cache
+
+    @property
+    def computed_positions(self) -> list[int]:
+        pos = [p for r in self.runs if r.kind == "compute" for p in range(r.start, r.end)]
+        return sorted(set(pos) | set(self.recompute))
+
+
+def plan_agent(n: int, spans: list[SharedSpan], masters: dict[tuple, Master],
+               offsets: dict[int, list[int]], block_size: int, dense_copy: bool = False,
+               scheme: str = "block",
+               own: AgentCache | None = None) -> AgentPlan:
+    """Lay out one agent's prompt of `n` tokens: `offsets[i]` are span i's recomputed offsets.
+
+    With `own` (a persistent agent whose prompt extends its kept cache), positions before
+    len(own.token_ids) come from that cache; should it be gone (after a preemption) they are
+    computed, so the plan always covers every position.
+    """
+    runs: list[Run] = []
+    recompute: list[int] = []
+    cursor = len(own.token_ids) if own is not None else 0
+    if cursor:
+        runs.append(Run(0, cursor, "compute"))
+    spans = [s for s in spans if s.start >= cursor]
+
+    def private(a, b):
+        if a < b:
+            runs.append(Run(a, b, "compute"))
+
+    for i, span in enumerate(spans):
+        private(cursor, span.start)
+        master = masters[span.key]
+        chosen = set(offsets.get(i, []))
+        if span.end == n:
+            chosen.add(span.length - 1)  # the last prompt token is always computed: it samples
+        recompute.extend(span.start + o for o in sorted(chosen))
+        if dense_copy:
+            runs.append(Run(span.start, span.end, "copy", master, 0))
+        elif scheme == "token":
+            # Chunks holding a recomputed token are copied privately; the rest is viewed in place.
+            chunks = {o // block_size for o in chosen}
+            for c in range(math.ceil(span.length / block_size)):
+                a, b = c * block_size, min(span.length, (c + 1) * block_size)
+                _append(runs, Run(span.start + a, span.start + b, "copy" if c in chunks else "view", master, a))
+        else:
+            # Maximal runs of recomputed offsets become private "compute" runs, the rest views.
+            o = 0
+            while o < span.length:
+                kind = "compute" if o in chosen else "view"
+                e = o
+                while e < span.length and (e in chosen) == (kind == "compute"):
+                    e += 1
+                runs.append(Run(span.start + o, span.start + e, kind, master if kind == "view" else None, o))
+                o = e
+        cursor = span.end
+    private(cursor, n)
+    prefix_len = spans[0].start if spans else n
+    if own is not None:
+        prefix_len = min(prefix_len, own.exact_prefix_len)
+    return AgentPlan(runs, sorted(set(recompute)), prefix_len, own)
+
+
+def _append(runs: list[Run], run: Run) -> None:
+    last = runs[-1] if runs else None
+    if last and last.kind == run.kind and last.master is run.master and last.end == run.start \
+            and last.offset + (last.end - last.start) == run.offset:
+        last.end = run.end
+    else:
+        runs.append(run)
+
+
+def lay_out(seq: Sequence, plan: AgentPlan, pool: BlockPool, kv: KVCache, inv_freq: torch.Tensor) -> bool:
+    """Give `seq` its views per `plan` (ref masters, allocate private blocks, copy); False if the pool is short.
+
+    Cached blocks of the exact leading private prefix are reused first (prefix caching).
+    On failure everything taken is given back and the sequence is untouched.
+    """
+    bs = pool.block_size
+    seq.exact_prefix_len = min(seq.exact_prefix_len, plan.prefix_len)
+    if plan.own is not None:  # a persistent agent's kept cache: its views come first, refs handed over
+        for v in plan.own.hand_over():
+            seq.add_view(v)
+    else:
+        seq.take_cached_prefix(pool)
+    cached = seq.covered
+    copies: list[tuple[int, int, int]] = []  # (src slot, dst slot, delta)
+    last_own: tuple[int, int] | None = None  # (block, frame0) of the last private block allocated here
+    try:
+        for run in plan.runs:
+            start = max(run.start, seq.covered)
+            if start >= run.end:
+                continue  # served by the prefix cache
+            if run.kind == "view":
+                for v in run.master.views_at(run.offset + start - run.start, run.offset + run.end - run.start, start):
+                    pool.ref(v.block)
+                    seq.add_view(v)
+                continue
+            src = run.master.slots(bs) if run.kind == "copy" else None
+            pos = start
+            while pos < run.end:
+                if last_own is not None and last_own[1] <= pos < last_own[1] + bs:
+                    # Still inside the frame of our last private block: use its free slots
+                    # (slot = position - frame0 keeps the delta 0) instead of a new block.
+                    block, lo = last_own[0], pos - last_own[1]
+                    pool.ref(block)
+                else:
+                    block, lo = pool.allocate(frame0=pos), 0
+                    last_own = (block, pos)
+                length = min(bs - lo, run.end - pos)
+                seq.add_view(View(block, lo, lo + length, pos))
+                if src is not None:
+                    for j in range(length):
+                        off = run.offset + pos + j - run.start
+                        if off < len(src):  # a producer's last token has no K/V: it is recomputed
+                            copies.append((src[off], block * bs + lo + j, pos + j - (run.master.start + off)))
+                pos += length
+        last = seq.views[-1] if seq.views else None
+        if last is not None and last_own is not None and last.block == last_own[0]:
+            # The prompt ends in our private block: let decode fill the rest of it.
+            seq.replace_views(seq.views[:-1] + [View(last.block, last.lo, bs, last.pos0)])
+    except NoFreeBlocks:
+        pool.release(seq.views)
+        seq.replace_views([])
+        seq.block_hashes, seq.num_hashed_blocks = [], 0
+        return False
+    if copies:
+        src_slots = torch.tensor([c[0] for c in copies], dtype=torch.int64, device=kv.layers[0][0].device)
+        dst_slots = torch.tensor([c[1] for c in copies], dtype=torch.int64, device=src_slots.device)
+        delta = torch.tensor([c[2] for c in copies], dtype=torch.int32, device=src_slots.device)
+        for k_cache, v_cache in kv.layers:
+            kernels.rotate_copy(k_cache, v_cache, src_slots, dst_slots, delta, inv_freq)
+    n = seq.num_prompt_tokens
+    computed = [p for p in plan.computed_positions if p >= cached]
+    seq.pending = computed + list(range(n, seq.num_tokens))
+    seq.reused_positions = n - len([p for p in computed if p < n])
+    return True
+
+
+class RoundLayouts:
+    """The plans of the call in flight, by sequence id: what the scheduler asks at admission."""
+
+    def __init__(self, pool: BlockPool, kv: KVCache, inv_freq: torch.Tensor):
+        self.pool, self.kv, self.inv_freq = pool, kv, inv_freq
+        self.plans: dict[int, AgentPlan] = {}
+
+    def lay_out(self, seq: Sequence) -> bool | None:
+        """The scheduler's `LayoutSource`: lay out a round request's views by its plan, if it has one."""
+        plan = self.plans.get(seq.seq_id)
+        if plan is None:
+            return None
+        return lay_out(seq, plan, self.pool, self.kv, self.inv_freq)
+
+    def masters_needed(self, unfinished: set[int]) -> set[int]:
+        """ids of the masters that the plans of unfinished requests read."""
+        return {id(r.master) for sid, plan in self.plans.items() if sid in unfinished
+                for r in plan.runs if r.master is not None}
+
+    def master_blocks(self) -> set[tuple[int, int]]:
+        """(block, allocation serial) of every master block the plans read."""
+        return {(v.block, self.pool.blocks[v.block].serial) for plan in self.plans.values()
+                for r in plan.runs if r.master is not None for v in r.master.views}

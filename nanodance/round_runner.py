@@ -1,0 +1,110 @@
+"""One synchronized round on the engine: masters, plans, the step loop, then the accounting.
+
+    run_round(engine, encoded, params, agent_ids, prompts, use_tqdm, on_step) -> RoundOutputs
+
+Data flows one way (docs/design.md, "One round"): the prompts' shared spans go to the
+collector, which returns the masters to prefill; the engine prefills them with its own step
+loop and hands the sequences back; the collector plans every agent; the plans go to the
+engine's `RoundLayouts`, which the scheduler asks at admission; the engine steps until every
+agent is done. Afterwards the collector releases the round's standalone masters and the
+outputs no later round can use, and kept caches that were never laid out go back to their
+agents. `round_stats.py` turns what each agent referenced after its prefill into the round's
+accounting.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Hashable
+
+from nanodance.engine import Engine, StepCallback
+from nanodance.layout import AgentPlan, Run, plan_agent
+from nanodance.progress import Progress
+from nanodance.round_stats import RoundOutputs, round_stats
+from nanodance.sampling import SamplingParams
+from nanodance.segments import EncodedPrompt
+from nanodance.sequence import Sequence
+
+
+def run_round(engine: Engine, encoded: list[EncodedPrompt], params: list[SamplingParams],
+              agent_ids: list[Hashable | None], prompts: list[Any], use_tqdm: bool = True,
+              on_step: StepCallback | None = None) -> RoundOutputs:
+    t0 = time.perf_counter()
+    collector = engine.collector
+    counters_before = _work_counters(engine)
+    seqs = [engine.make_sequence(e.token_ids, p, prompt) for e, p, prompt in zip(encoded, params, prompts)]
+    for seq, agent in zip(seqs, agent_ids):
+        seq.agent_id = agent
+        # Its output may be a producer master next round; standalone masters never read it.
+        seq.pin_output = collector is not None and engine.cfg.master == "producer"
+    valid = [i for i, seq in enumerate(seqs) if engine.capacity_error(seq) is None]
+    plans: dict[int, AgentPlan] = {}
+    master_blocks: set = set()
+    succeeded = False
+    with engine.serving(seqs) as call:
+        owns = [engine.agents.take(agent_ids[i], encoded[i].token_ids) for i in valid]
+        try:
+            if collector is not None:
+                to_prefill = collector.begin_round([encoded[i].spans for i in valid])
+                collector.adopt_masters(engine.prefill_masters(to_prefill) if to_prefill else [])
+                got = collector.plan_round([encoded[i].token_ids for i in valid], [encoded[i].spans for i in valid],
+                                           owns)
+                plans = {seqs[i].seq_id: plan for i, plan in zip(valid, got)}
+            else:  # no shared blocks to reuse: only persistent agents' kept caches need a layout
+                plans = {seqs[i].seq_id: plan_agent(len(encoded[i].token_ids), [], {}, {}, engine.pool.block_size,
+                                                    own=own) for i, own in zip(valid, owns) if own is not None}
+            engine.layouts.plans = plans
+            master_blocks = engine.layouts.master_blocks()
+            engine.run(seqs, Progress(seqs, use_tqdm, desc="round"), on_step)
+            succeeded = True
+        finally:
+            t_end = time.perf_counter()
+            if collector is not None:
+                # After a failure the previous round's outputs stay usable for a retry.
+                keep = {s.seq_id for s in seqs} | (set() if succeeded else set(collector.outputs))
+                collector.end_round(keep_outputs=keep)
+            for i, own in zip(valid, owns):
+                if own is not None:  # never laid out: the kept cache goes back to its agent
+                    engine.agents.give_back(agent_ids[i], own)
+        prefilled = dict(call.prefilled)
+    stats = _account(engine, seqs, encoded, plans, master_blocks, prefilled, counters_before, t0, t_end)
+    engine.round_history.append(stats)
+    return RoundOutputs([engine.output(s) for s in seqs], stats)
+
+
+def _work_counters(engine: Engine) -> tuple[int, int, float]:
+    """(prefill tokens computed, reference token-layers, collector seconds) so far."""
+    cc = engine.collector.counters if engine.collector is not None else None
+    return (engine.scheduler.counters.prefill_tokens_computed, cc.reference_token_layers if cc else 0,
+            cc.seconds if cc else 0.0)
+
+
+def _account(engine: Engine, seqs: list[Sequence], encoded: list[EncodedPrompt], plans: dict[int, AgentPlan],
+             master_blocks: set, prefilled: dict, before: tuple[int, int, float], t0: float, t_end: float) -> dict:
+    """The round's accounting over the agents whose prompt was prefilled (round_stats.py)."""
+    done = [(s, e) for s, e in zip(seqs, encoded) if s.seq_id in prefilled]
+    bs = engine.pool.block_size
+    after = _work_counters(engine)
+    used_plans = list(plans.values())
+    return round_stats(
+        mode=engine.cfg.reuse, prompt_lens=[s.num_prompt_tokens for s, _ in done],
+        private_tokens=[len(e.token_ids) - sum(sp.length for sp in e.spans) for _, e in done],
+        private_heads=[e.token_ids[:min((sp.start for sp in e.spans), default=len(e.token_ids))] for _, e in done],
+        distinct_shared_lens=list({span.key: span.length for e in encoded for span in e.spans}.values()),
+        agent_blocks=[prefilled[s.seq_id].blocks for s, _ in done], master_blocks=master_blocks,
+        block_size=bs, block_bytes=engine.block_bytes, num_layers=engine.model_config.num_layers,
+        prefill_tokens_computed=after[0] - before[0],
+        reused_tokens=sum(prefilled[s.seq_id].reused for s, _ in done),
+        recomputed_tokens=sum(len(p.recompute) for p in used_plans),
+        reference_token_layers=after[1] - before[1],
+        collector_seconds=after[2] - before[2],
+        num_masters=len({id(r.master) for p in used_plans for r in p.runs if r.master is not None}),
+        diff_blocks=sum(math.ceil((r.end - r.start) / bs) for p in used_plans for r in p.runs
+                        if r.start >= p.prefix_len and r.kind in ("compute", "copy") and _inside_span(r, p)),
+        prefill_seconds=max((prefilled[s.seq_id].seconds for s, _ in done), default=t0) - t0,
+        round_seconds=t_end - t0)
+
+
+def _inside_span(run: Run, plan: AgentPlan) -> bool:
+    """A private run that replaces part of a shared block (a diff block), not private text."""
+    return run.kind == "copy" or any(run.start <= p < run.end for p in plan.recompute)
