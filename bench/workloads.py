@@ -1,4 +1,4 @@
-"""A parametric, seeded All-Gather workload generator for multi-agent rounds (DESIGN.md §4).
+"""A parametric, seeded All-Gather workload generator for multi-agent rounds (docs/results.md says what it measured).
 
     from bench.workloads import Workload, preset
     wl = Workload(preset("generative-agents", agents=8, rounds=3))

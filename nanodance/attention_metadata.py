@@ -18,7 +18,7 @@ Tensors (all on the model's device):
     num_views     int32 [B]      valid rows of `views` per sequence
 
 Host-side ints: `max_seqlen_q`, `max_views`, `block_size`, and `max_kv_len` (the largest
-sum of view lengths of one sequence). Attention semantics (DESIGN.md §3.1): query at position
+sum of view lengths of one sequence). Attention semantics (docs/design.md, "Why the query is rotated"): query at position
 p attends every key of its views with key position <= p; for a view with delta d the scores
 are computed as (R(-d) q) . k_cached, which equals attention over keys re-rotated to their
 positions in this sequence.

@@ -5,7 +5,7 @@ Owns the bookkeeping only; the KV tensors themselves (`KVCache`) are plain per-l
 holds finite values.
 
 - `Block`: one physical block: `ref_count` (views + owners holding it), `frame0` (the position
-  its slot 0 had when its keys were rotated, DESIGN.md §3.1), and for prefix caching the
+  its slot 0 had when its keys were rotated, docs/design.md), and for prefix caching the
   chained `hash` and the `token_ids` it holds (checked on every hit, so a hash collision can
   never serve wrong KV).
 - `View(block, lo, hi, pos0)`: slots [lo, hi) of a block, slot lo sitting at position pos0 of

@@ -1,7 +1,7 @@
 """Test set-up shared by every test module.
 
 TRITON_INTERPRET must be set before any `@triton.jit` decorator runs, so it is set here,
-before the test modules import nanodance.kernels (DESIGN.md §3.7).
+before the test modules import nanodance.kernels (docs/design.md, "Kernels").
 """
 import os
 

@@ -1,4 +1,4 @@
-"""The model, its config and its weights, specified against transformers (DESIGN.md §3.6).
+"""The model, its config and its weights, specified against transformers (docs/design.md, "The default model").
 
 What must hold, on tiny random checkpoints of every supported feature (`tiny_checkpoints`:
 Llama with default / llama3 / linear RoPE, tied embeddings, Qwen2 biases, Qwen3 q/k norms):

@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face checkpoints, written on the fly for tests (DESIGN.md §3.6).
+"""Tiny random Hugging Face checkpoints, written on the fly for tests (docs/design.md, "The default model").
 
     write_tiny_checkpoint(folder, kind="llama", shards=False, seed=0, **overrides)
         -> (Path folder, transformers model in fp32, eval mode, eager attention)

@@ -112,7 +112,7 @@ def _rotate_copy_kernel(kc_ptr, vc_ptr, src_ptr, dst_ptr, delta_ptr, inv_freq_pt
     k2 = tl.load(ks + HALF * s_kd, mask=mask, other=0.0).to(tl.float32)
     inv_freq = tl.load(inv_freq_ptr + j, mask=j < HALF, other=0.0)
     r1, r2 = rope_rotate(k1, k2, delta[:, None, None] * inv_freq)
-    # One rounding to the cache dtype, after the fp32 rotation (the frame rule, DESIGN.md 3.1).
+    # One rounding to the cache dtype, after the fp32 rotation (the frame rule, docs/design.md).
     tl.store(kd, r1.to(kc_ptr.dtype.element_ty), mask=mask)
     tl.store(kd + HALF * s_kd, r2.to(kc_ptr.dtype.element_ty), mask=mask)
     # Values carry no position: a raw copy.
