@@ -178,7 +178,7 @@ def round1(llm, args, cfg: dict, answers: list) -> dict:
         prompts.append(segs + [TAIL])
     sp1 = SamplingParams(temperature=0, max_tokens=args.round1_tokens, ignore_eos=True)
     r1 = llm.run_round(prompts, sp1, use_tqdm=False)
-    logprobs = llm.runner.sampler.store
+    logprobs, llm.runner.sampler.store = llm.runner.sampler.store, {}  # this round's only
     bad = [o for o in r1 if o.finish_reason == "error"]
     if bad:
         raise RuntimeError(f"{config_name(cfg)}: round 1 failed: {bad[0].error}")

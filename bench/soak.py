@@ -50,6 +50,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from nanodance import LLM, SamplingParams, Shared  # noqa: E402
 from nanodance.errors import CapacityError, ModelLoadError, RequestError  # noqa: E402
+from nanodance.segments import output_block_ids  # noqa: E402
 
 VOCAB = 256
 MODES = ("none", "prefix", "pic", "tokendance")
@@ -208,7 +209,7 @@ class Session:
                 llm.release_agent(name)  # long enough: start over
                 self.history.pop(name)
             parts = [self.history.get(name) or self.personas[i]]
-            others = [o for o in self.prev if o.token_ids]
+            others = [o for o in self.prev if output_block_ids(o)]  # Shared() refuses empty outputs
             parts += [Shared(o) for o in rng.sample(others, k=rng.randint(0, min(3, len(others))))]
             if common is not None and rng.random() < 0.7:
                 parts.append(common)

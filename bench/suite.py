@@ -231,11 +231,13 @@ class Backend:
                                                                         self.context))
 
     def model(self):
+        from nanodance import EngineConfig
         if self.dry:
             return DryModel.make(self.dry_config)
         if self._model is None:
             from nanodance.weights import load_model
-            self._model = load_model(self.real_folder, self.real_config, self.torch_dtype, "cpu")
+            device = EngineConfig(dtype=self.dtype).torch_device()  # cuda when there is one, as LLM() picks
+            self._model = load_model(self.real_folder, self.real_config, self.torch_dtype, device)
         return self._model
 
     def make(self, cfg: Config, kv_blocks: int, max_num_seqs: int, max_batched: int, sampler):
@@ -321,8 +323,10 @@ class Driver:
         llm = self.llm
         newly = [o for o in outputs if o.finish_reason is not None and o.request_id not in self._finished]
         self._finished.update(o.request_id for o in newly)
-        # Running after `schedule` = running now + those this step finished.
-        running = sum(1 for s in llm.scheduler.running if not s.prefill_only) + len(newly)
+        # Running after `schedule` = running now + those this step finished (failed and aborted
+        # requests finish without running a step).
+        ran = [o for o in newly if o.finish_reason in ("stop", "length")]
+        running = sum(1 for s in llm.scheduler.running if not s.prefill_only) + len(ran)
         self.peak = max(self.peak, running)
         if self.master_blocks is None and llm.collector is not None:
             self.master_blocks = {v.block for views in llm.collector.holders() for v in views}

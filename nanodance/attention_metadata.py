@@ -16,6 +16,10 @@ Tensors (all on the model's device):
                                  delta = pos0 - (frame0[block] + lo) is the rope delta: the
                                  cached key was rotated at position (pos - delta)
     num_views     int32 [B]      valid rows of `views` per sequence
+    k_pos         int32 [T] or None  the position each new key is rotated at: the frame position
+                                 of the slot it is written to (`frame0 + slot`). It equals q_pos
+                                 (None) except for tokens packed into a diff block at another
+                                 frame; attention then reads them through their view's delta.
 
 Host-side ints: `max_seqlen_q`, `max_views`, `block_size`, and `max_kv_len` (the largest
 sum of view lengths of one sequence). Attention semantics (docs/design.md, "Why the query is rotated"): query at position
@@ -23,8 +27,8 @@ p attends every key of its views with key position <= p; for a view with delta d
 are computed as (R(-d) q) . k_cached, which equals attention over keys re-rotated to their
 positions in this sequence.
 
-Build one with `build_metadata` (the runner, the collector's reference forward and the kernel
-tests all do): it is the only place these tensors are assembled.
+Build one with `build_metadata`: the runner, the collector's reference forward and the tests
+all do (only the GPU benchmark assembles its large batches on the device directly).
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ class AttentionMetadata:
     max_views: int
     max_kv_len: int
     block_size: int
+    k_pos: torch.Tensor | None = None
     # Per-step values a backend derives once and reuses in every layer (e.g. the torch path's
     # key gather indices and causal masks); they live and die with the metadata of one step.
     step_cache: dict = field(default_factory=dict, repr=False)
@@ -57,11 +62,13 @@ class AttentionMetadata:
 
 
 def build_metadata(view_rows: Sequence[Sequence[ViewRow]], q_pos: Sequence[Sequence[int]], block_size: int,
-                   device: torch.device | str = "cpu", slots: Sequence[int] | None = None) -> AttentionMetadata:
+                   device: torch.device | str = "cpu", slots: Sequence[int] | None = None,
+                   k_pos: Sequence[int] | None = None) -> AttentionMetadata:
     """The metadata of one step: per sequence b, its view rows and its query positions.
 
     `slots` is the flat pool slot of every query token in order (its new K/V is written there);
     None writes nothing (slot -1), as kernel tests that fill the cache themselves want.
+    `k_pos` is the rotation position of every new key, in order (None: its own position).
     """
     B = len(view_rows)
     max_views = max((len(rows) for rows in view_rows), default=0)
@@ -85,4 +92,5 @@ def build_metadata(view_rows: Sequence[Sequence[ViewRow]], q_pos: Sequence[Seque
         max_views=max_views,
         max_kv_len=max((sum(hi - lo for _, lo, hi, _, _ in rows) for rows in view_rows), default=0),
         block_size=block_size,
+        k_pos=None if k_pos is None else torch.tensor(list(k_pos), dtype=torch.int32, device=device),
     )

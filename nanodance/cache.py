@@ -25,9 +25,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-
-class NoFreeBlocks(Exception):
-    """Internal signal: the pool cannot satisfy an allocation right now (the scheduler preempts)."""
+from nanodance.errors import NoFreeBlocks
 
 
 @dataclass

@@ -1,11 +1,10 @@
 """The KV Collector: once per round, a master for every shared block, the recompute choice, and
-each agent's plan; at admission, each agent's layout (docs/design.md, "One round").
+each agent's plan (docs/design.md, "The flow of one round").
 
-A round goes through the collector in three calls from the engine, then one per agent:
+A round goes through the collector in four calls from the round runner; it never calls back:
 
-    spans = collector.begin_round(spans_per_agent)       # masters: producer outputs, or blocks to prefill
-    # the engine prefills `collector.masters_to_prefill()` through its own step loop, then
-    collector.adopt_masters(prefilled_sequences)
+    to_prefill = collector.begin_round(spans_per_agent)   # masters: producer outputs, or ids to prefill
+    collector.adopt_masters(engine.prefill_masters(to_prefill))   # the engine's own step loop ran them
     plans = collector.plan_round(prompts, spans_per_agent, kept_caches)   # laid out at admission (layout.py)
     collector.end_round(keep_outputs)
 
@@ -18,8 +17,8 @@ agent (`selection="per_agent"`, and always for `pic`), by one of the schemes:
 - "block": the segment's first block, then the blocks (segment-relative chunks of block_size
   tokens) with the largest key deviation at the check layer, until `ratio` of it is chosen;
 - "first": the first ceil(ratio * len) tokens of the segment (EPIC's LegoLink; no scoring);
-- "token": the first token, then the tokens with the largest deviation (CacheBlend); the blocks
-  holding them are copied privately, the chosen tokens recomputed in place.
+- "token": the first token, then the tokens with the largest deviation (CacheBlend); each chosen
+  token takes one packed slot of the agent's diff blocks.
 Key deviation = sum over heads and dims of (K_fresh - R(delta) K_master)^2 at the check layer,
 K_fresh from an exact forward of the reference agent's prompt through the first `check_layer`
 layers (into a scratch cache); the "token-layers" this costs are counted.
@@ -115,15 +114,15 @@ def reference_keys(model: CausalLM, prompts: list[list[int]], check_layer: int, 
     return list(keys.split(lens))
 
 
-def span_deviation(k_fresh: torch.Tensor, span: SharedSpan, master: Master, kv: KVCache, check_layer: int,
-                   block_size: int, inv_freq: torch.Tensor) -> torch.Tensor:
+def span_deviation(k_fresh: torch.Tensor, span: SharedSpan, master: Master, pool: BlockPool, kv: KVCache,
+                   check_layer: int, inv_freq: torch.Tensor) -> torch.Tensor:
     """Per-token key deviation fp32 [span.length] of the master's keys placed at the span's positions."""
     device = k_fresh.device
-    src = torch.tensor(master.slots(block_size), dtype=torch.int64, device=device)
-    delta = torch.full((span.length,), span.start - master.start, dtype=torch.int32, device=device)
+    src = torch.tensor(master.slots(pool.block_size), dtype=torch.int64, device=device)
+    delta = torch.tensor([span.start + i - kp for i, kp in enumerate(master.key_positions(pool)[:span.length])],
+                         dtype=torch.int32, device=device)
     k_cache = kv.layers[check_layer][0]
-    return kernels.key_deviation(k_fresh[span.start:span.end], k_cache, src, delta, inv_freq)
-
+    return kernels.key_deviation(k_fresh[span.start:span.end], k_cache, src[:span.length], delta, inv_freq)
 
 
 class Collector:
@@ -208,15 +207,13 @@ class Collector:
                    owns: list[AgentCache | None]) -> list[AgentPlan]:
         """One plan per agent: where each position's K/V comes from (laid out at admission)."""
         t0 = time.perf_counter()
-        bs = self.block_size
         # Producer masters may lack K/V for their last token: those offsets are always recomputed.
         missing = {key: range(m.num_tokens_with_kv, len(key)) for key, m in self._masters.items()}
         offsets = self._choose(prompts, spans_per_agent)
         plans = []
         for agent, (ids, spans) in enumerate(zip(prompts, spans_per_agent)):
             chosen = {i: sorted(set(offsets[(agent, i)]) | set(missing[s.key])) for i, s in enumerate(spans)}
-            plans.append(plan_agent(len(ids), spans, self._masters, chosen, bs, self.cfg.dense_copy,
-                                    self.cfg.recompute_scheme, owns[agent]))
+            plans.append(plan_agent(len(ids), spans, self._masters, chosen, self.cfg.dense_copy, owns[agent]))
         self._planning = False
         self.counters.seconds += time.perf_counter() - t0
         return plans
@@ -285,7 +282,7 @@ class Collector:
         dev = torch.zeros(span.length, dtype=torch.float32)
         if n_have:
             part = SharedSpan(span.start, span.start + n_have, span.key[:n_have])
-            dev[:n_have] = span_deviation(k_fresh, part, master, self.kv, cfg.check_layer, bs,
+            dev[:n_have] = span_deviation(k_fresh, part, master, self.pool, self.kv, cfg.check_layer,
                                           self.model.inv_freq).cpu()
         self.counters.scored_segments += 1
         return select_offsets(span.length, cfg.recompute_ratio, cfg.recompute_scheme, bs, dev)

@@ -4,7 +4,7 @@
     engine.step()        # scheduler.schedule() -> runner.run(chunks) -> postprocess(chunks, tokens)
 
 The engine owns the pieces and wires them in one direction: the scheduler (queues, blocks,
-preemption) asks the collector (if the reuse mode has one) to lay out round requests at
+preemption) asks `RoundLayouts` (the plans the collector made) to lay out round requests at
 admission; the runner turns a step's chunks into one forward pass of the model; after the step
 the engine keeps what later rounds reuse of each finished request (a producer's output as next
 round's master, a persistent agent's cache), then the scheduler frees the rest.
@@ -42,7 +42,7 @@ from nanodance.progress import Progress
 from nanodance.runner import ModelRunner, Sampler, default_sampler
 from nanodance.sampling import SamplingParams
 from nanodance.scheduler import Scheduler, StepResult
-from nanodance.sequence import Sequence, Status
+from nanodance.sequence import Sequence
 
 logger = logging.getLogger("nanodance")
 
@@ -71,7 +71,7 @@ class EngineCounters:
     outputs_unpinned: int = 0  # pinned round outputs released under pool pressure
     requests_failed: int = 0  # requests finished with "error" (could never fit)
     requests_aborted: int = 0  # requests finished with "abort"
-    requests_finished: int = 0  # requests that finished normally or with an error or abort (not masters)
+    requests_finished: int = 0  # requests that finished normally ("stop" or "length")
 
 
 StepCallback = Callable[[list[RequestOutput]], None]
@@ -169,9 +169,7 @@ class Engine:
     @contextlib.contextmanager
     def serving(self, seqs: list[Sequence]):
         """Make `seqs` the call in flight (abortable); forget them and their aborts after."""
-        if self.call is not None:
-            raise RequestError("this LLM is already running a generate() or run_round() call (called from "
-                               "on_step?); it serves one call at a time")
+        self.check_idle()
         self.call = Call({s.seq_id: s for s in seqs})
         try:
             yield self.call
@@ -180,19 +178,34 @@ class Engine:
             self.layouts.plans = {}
             self.agents.end_call()
 
+    def check_idle(self) -> None:
+        if self.call is not None:
+            raise RequestError("this LLM is already running a generate() or run_round() call (called from "
+                               "on_step?); it serves one call at a time")
+
     def abort(self, request_id: int) -> bool:
         """Ask to stop a request of the call in flight at the next step; False if unknown or finished."""
-        seq = self.call.seqs.get(request_id) if self.call is not None else None
+        call = self.call  # read once: another thread may be ending the call
+        seq = call.seqs.get(request_id) if call is not None else None
         if seq is None or seq.is_finished:
             return False
-        self.call.aborts.add(request_id)
+        call.aborts.add(request_id)
         return True
+
+    def reconfigure(self, cfg: EngineConfig) -> None:
+        """New reuse options between calls (the collector reads them from the next round on)."""
+        self.check_idle()
+        self.cfg = cfg
+        if self.collector is not None:
+            self.collector.cfg = cfg
 
     # ------------------------------------------------------------------ one step
 
     def step(self) -> StepResult:
         """Schedule, run the model, postprocess. A step that can schedule nothing frees memory
         (or fails the head-of-line request) instead, so the next one can."""
+        if not self.scheduler.has_work():
+            return StepResult()
         chunks = self.scheduler.schedule()
         if not chunks:
             self._relieve_pressure()
@@ -216,8 +229,8 @@ class Engine:
                     self.collector.pin_output(seq)
                 if seq.agent_id is not None:
                     self.agents.keep(seq)
+                self.counters.requests_finished += 1
             self.scheduler.release(seq)
-            self.counters.requests_finished += 1
         return result
 
     # ------------------------------------------------------------------ the loop
@@ -238,6 +251,7 @@ class Engine:
             else:
                 self.scheduler.add(seq)
         progress = progress or Progress(seqs, enabled=False)
+        progress.begin(self.scheduler.counters)
         try:
             while True:
                 self._apply_aborts()
@@ -246,7 +260,7 @@ class Engine:
                 ran = self.step()
                 if on_step is not None and (ran.prefilled or ran.finished or self.scheduler.running):
                     on_step([self.output(s) for s in seqs])
-                progress.update()
+                progress.update(self.scheduler.counters)
         finally:
             progress.close()
             self.scheduler.forget_unwritten()
@@ -279,13 +293,11 @@ class Engine:
             if seq is not None and not seq.is_finished:
                 self.scheduler.abort(seq)
                 self.counters.requests_aborted += 1
-                self.counters.requests_finished += 1
 
     def _fail(self, seq: Sequence, problem: str) -> None:
         logger.warning("request %d failed: %s", seq.seq_id, problem)
         self.scheduler.abort(seq, "error", str(CapacityError(problem)))
         self.counters.requests_failed += 1
-        self.counters.requests_finished += 1
 
     def _relieve_pressure(self) -> None:
         """The pool is stuck: free what only saves work later, else fail the head-of-line request.

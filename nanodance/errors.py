@@ -17,6 +17,7 @@ any of them the engine stays usable and holds no block for the failed call.
 
 A single request that can never fit is not raised: it finishes with finish_reason "error" and
 the message of a `CapacityError` in its output, while the other requests complete.
+`NoFreeBlocks` (last) is the block pool's internal signal, caught inside the engine.
 """
 from __future__ import annotations
 
@@ -51,3 +52,8 @@ class PrepareError(NanodanceError, RuntimeError):
 
 class ModelPackageUnavailable(PrepareError):
     """The GGUF could be found neither in an installed package nor by downloading the wheel."""
+
+
+class NoFreeBlocks(Exception):
+    """Internal signal, never raised to a caller: the pool cannot satisfy an allocation right now
+    (the scheduler preempts, a layout gives back what it took)."""

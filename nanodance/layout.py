@@ -13,21 +13,23 @@ A run is a range of prompt positions with one source:
 - "compute": private slots filled by this round's extend prefill. Private text, recomputed
   chunks of shared blocks (the mirror's diff), a persistent agent's kept cache.
 - "copy": private slots filled now by re-rotating the master's K/V (`kernels.rotate_copy`):
-  the `pic` baseline and the `token` scheme's chunks, partly recomputed after.
+  the `pic` baseline, partly recomputed after.
 
-Private blocks obey the frame rule: slot s of a block framed at frame0 holds position
-frame0 + s, so consecutive private runs share a block only inside its frame.
+Private slots are packed (`_Packer`): every computed or copied run takes the next free slots of
+the agent's last private block, whatever its position. The frame rule still holds: the key in
+slot s of a block framed at frame0 is rotated at frame0 + s, so each view over packed slots has
+a well-defined rope delta and attention reads it like a master view.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from nanodance import kernels
 from nanodance.agents import AgentCache
-from nanodance.cache import BlockPool, KVCache, NoFreeBlocks, View
+from nanodance.cache import BlockPool, KVCache, View
+from nanodance.errors import NoFreeBlocks
 from nanodance.masters import Master
 from nanodance.segments import SharedSpan
 from nanodance.sequence import Sequence
@@ -58,8 +60,7 @@ class AgentPlan:
 
 
 def plan_agent(n: int, spans: list[SharedSpan], masters: dict[tuple, Master],
-               offsets: dict[int, list[int]], block_size: int, dense_copy: bool = False,
-               scheme: str = "block",
+               offsets: dict[int, list[int]], dense_copy: bool = False,
                own: AgentCache | None = None) -> AgentPlan:
     """Lay out one agent's prompt of `n` tokens: `offsets[i]` are span i's recomputed offsets.
 
@@ -87,14 +88,9 @@ def plan_agent(n: int, spans: list[SharedSpan], masters: dict[tuple, Master],
         recompute.extend(span.start + o for o in sorted(chosen))
         if dense_copy:
             runs.append(Run(span.start, span.end, "copy", master, 0))
-        elif scheme == "token":
-            # Chunks holding a recomputed token are copied privately; the rest is viewed in place.
-            chunks = {o // block_size for o in chosen}
-            for c in range(math.ceil(span.length / block_size)):
-                a, b = c * block_size, min(span.length, (c + 1) * block_size)
-                _append(runs, Run(span.start + a, span.start + b, "copy" if c in chunks else "view", master, a))
         else:
-            # Maximal runs of recomputed offsets become private "compute" runs, the rest views.
+            # Maximal runs of recomputed offsets become private "compute" runs (packed into the
+            # agent's diff blocks), the rest views of the master, read in place.
             o = 0
             while o < span.length:
                 kind = "compute" if o in chosen else "view"
@@ -109,15 +105,6 @@ def plan_agent(n: int, spans: list[SharedSpan], masters: dict[tuple, Master],
     if own is not None:
         prefix_len = min(prefix_len, own.exact_prefix_len)
     return AgentPlan(runs, sorted(set(recompute)), prefix_len, own)
-
-
-def _append(runs: list[Run], run: Run) -> None:
-    last = runs[-1] if runs else None
-    if last and last.kind == run.kind and last.master is run.master and last.end == run.start \
-            and last.offset + (last.end - last.start) == run.offset:
-        last.end = run.end
-    else:
-        runs.append(run)
 
 
 def lay_out(seq: Sequence, plan: AgentPlan, pool: BlockPool, kv: KVCache, inv_freq: torch.Tensor) -> bool:
@@ -135,7 +122,7 @@ def lay_out(seq: Sequence, plan: AgentPlan, pool: BlockPool, kv: KVCache, inv_fr
         seq.take_cached_prefix(pool)
     cached = seq.covered
     copies: list[tuple[int, int, int]] = []  # (src slot, dst slot, delta)
-    last_own: tuple[int, int] | None = None  # (block, frame0) of the last private block allocated here
+    packer = _Packer(pool)
     try:
         for run in plan.runs:
             start = max(run.start, seq.covered)
@@ -146,28 +133,12 @@ def lay_out(seq: Sequence, plan: AgentPlan, pool: BlockPool, kv: KVCache, inv_fr
                     pool.ref(v.block)
                     seq.add_view(v)
                 continue
-            src = run.master.slots(bs) if run.kind == "copy" else None
-            pos = start
-            while pos < run.end:
-                if last_own is not None and last_own[1] <= pos < last_own[1] + bs:
-                    # Still inside the frame of our last private block: use its free slots
-                    # (slot = position - frame0 keeps the delta 0) instead of a new block.
-                    block, lo = last_own[0], pos - last_own[1]
-                    pool.ref(block)
-                else:
-                    block, lo = pool.allocate(frame0=pos), 0
-                    last_own = (block, pos)
-                length = min(bs - lo, run.end - pos)
-                seq.add_view(View(block, lo, lo + length, pos))
-                if src is not None:
-                    for j in range(length):
-                        off = run.offset + pos + j - run.start
-                        if off < len(src):  # a producer's last token has no K/V: it is recomputed
-                            copies.append((src[off], block * bs + lo + j, pos + j - (run.master.start + off)))
-                pos += length
+            views = packer.place(seq, start, run.end)
+            if run.kind == "copy":
+                copies += _copies(run, views, pool)
         last = seq.views[-1] if seq.views else None
-        if last is not None and last_own is not None and last.block == last_own[0]:
-            # The prompt ends in our private block: let decode fill the rest of it.
+        if last is not None and last.block == packer.block:
+            # The prompt ends in our last private block: let decode fill the rest of it.
             seq.replace_views(seq.views[:-1] + [View(last.block, last.lo, bs, last.pos0)])
     except NoFreeBlocks:
         pool.release(seq.views)
@@ -185,6 +156,58 @@ def lay_out(seq: Sequence, plan: AgentPlan, pool: BlockPool, kv: KVCache, inv_fr
     seq.pending = computed + list(range(n, seq.num_tokens))
     seq.reused_positions = n - len([p for p in computed if p < n])
     return True
+
+
+class _Packer:
+    """Private slots for one agent's computed runs, packed densely in the blocks it allocates.
+
+    A run continues in the last private block's next free slot, whatever its position, and opens
+    a new block (framed at the run's position) only when that block is full. A token written to a
+    slot is rotated at the slot's frame position (`frame0 + slot`, see runner.py), so the view
+    over it reads it through its delta like any master view: packing costs no exactness, and an
+    agent's private K/V takes about ceil(private tokens / block_size) blocks.
+    """
+
+    def __init__(self, pool: BlockPool):
+        self.pool = pool
+        self.block: int | None = None  # the last block allocated here
+        self.next_slot = 0
+
+    def place(self, seq: Sequence, start: int, end: int) -> list[View]:
+        """Give `seq` views over fresh private slots for positions [start, end); returns them.
+
+        Each view is added as soon as its reference is taken, so a pool that runs dry midway
+        leaves nothing that `seq.views` does not hold (the caller releases those)."""
+        bs = self.pool.block_size
+        views, pos = [], start
+        while pos < end:
+            if self.block is not None and self.next_slot < bs:
+                self.pool.ref(self.block)
+            else:
+                self.block, self.next_slot = self.pool.allocate(frame0=pos), 0
+            length = min(bs - self.next_slot, end - pos)
+            views.append(View(self.block, self.next_slot, self.next_slot + length, pos))
+            seq.add_view(views[-1])
+            self.next_slot += length
+            pos += length
+        return views
+
+
+def _copies(run: Run, views: list[View], pool: BlockPool) -> list[tuple[int, int, int]]:
+    """(src slot, dst slot, rope delta) re-rotating the master's keys to the frames of `views`'s slots.
+
+    A producer's last token has no K/V: it is recomputed, not copied.
+    """
+    bs = pool.block_size
+    src, src_frames = run.master.slots(bs), run.master.key_positions(pool)
+    out = []
+    for v in views:
+        for j in range(v.length):
+            off = run.offset + v.pos0 + j - run.start
+            if off < len(src):
+                dst_frame = pool.blocks[v.block].frame0 + v.lo + j
+                out.append((src[off], v.block * bs + v.lo + j, dst_frame - src_frames[off]))
+    return out
 
 
 class RoundLayouts:

@@ -92,6 +92,7 @@ class LLM:
         self.pool, self.kv_cache, self.scheduler, self.runner = e.pool, e.kv_cache, e.scheduler, e.runner
         self.collector, self.agents, self.counters = e.collector, e.agents, e.counters
         self.dtype, self.device, self.block_bytes, self.reuse = e.dtype, e.device, e.block_bytes, cfg.reuse
+        self.max_model_len = e.max_model_len
         self.round_history = e.round_history
 
     # ------------------------------------------------------------------ calls
@@ -191,17 +192,15 @@ class LLM:
             raise RequestError(f"reconfigure needs reuse 'pic' or 'tokendance' before and after, got "
                                f"{self.engine_config.reuse!r} -> {cfg.reuse!r}")
         cfg.validate_for_model(self.config.num_layers)
-        self.engine_config = self.engine.cfg = self.collector.cfg = cfg
-        self.reuse = cfg.reuse
+        self.engine.reconfigure(cfg)
+        self.engine_config, self.reuse = cfg, cfg.reuse
 
     def check_invariants(self) -> None:
         """AssertionError unless every block's ref count equals the references held to it."""
         self.engine.check_invariants()
 
     def _check_idle(self) -> None:
-        if self.engine.call is not None:
-            raise RequestError("this LLM is already running a generate() or run_round() call (called from on_step?); "
-                               "it serves one call at a time")
+        self.engine.check_idle()
 
 
 def _default_model_dir() -> Path:

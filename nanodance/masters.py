@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nanodance.cache import View
+from nanodance.cache import BlockPool, View
 from nanodance.sequence import Sequence
 
 
@@ -48,6 +48,11 @@ class Master:
     def slots(self, block_size: int) -> list[int]:
         """Flat pool slot of every segment token that has K/V, in order."""
         return [v.block * block_size + s for v in self.views for s in range(v.lo, v.hi)]
+
+    def key_positions(self, pool: BlockPool) -> list[int]:
+        """The position each of those keys was rotated at: its slot's frame position. It is the
+        token's master position unless the producer packed it into a diff block."""
+        return [pool.blocks[v.block].frame0 + s for v in self.views for s in range(v.lo, v.hi)]
 
     @classmethod
     def of_output(cls, seq: Sequence, key: tuple[int, ...]) -> "Master | None":

@@ -4,6 +4,7 @@ Owns the layers and their math; not the cache layout (kernels + AttentionMetadat
 weights on disk (weights.py). One forward runs a ragged batch flattened to T tokens:
 
     forward(input_ids int64 [T], positions int64 [T], meta, kv_caches) -> hidden [T, H]
+    (queries are rotated at `positions`, new keys at `meta.k_pos`: their slot's frame position)
     compute_logits(hidden [N, H]) -> fp32 [N, vocab]     (only for the rows that sample)
 
 `kv_caches[i]` is layer i's `(k_cache, v_cache)`, each `[num_blocks, block_size, Hkv, D]`.
@@ -50,7 +51,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...], meta: AttentionMetadata,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], inv_freq: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -59,8 +60,9 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin, k_cos, k_sin = rope
         q = kernels.rotate(q, cos, sin)
-        k = kernels.rotate(k, cos, sin)
+        k = kernels.rotate(k, k_cos, k_sin)  # at the frame position of its slot (= its own, unless packed)
         k_cache, v_cache = kv_cache
         kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = kernels.paged_attention(q, k_cache, v_cache, meta, inv_freq, self.scale)  # [T, Hq, D]
@@ -87,8 +89,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, meta, kv_cache, inv_freq):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache, inv_freq)
+    def forward(self, x, rope, meta, kv_cache, inv_freq):
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv_cache, inv_freq)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -119,12 +121,16 @@ class CausalLM(nn.Module):
         collector uses it to compute fresh keys of the first layers only.
         """
         x = self.embed_tokens(input_ids)
-        cos, sin = kernels.rope_cos_sin(positions, self.inv_freq)
-        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # [T, 1, D]
+        cos, sin = self._rope(positions, x.dtype)  # [T, 1, D] each
+        k_cos, k_sin = (cos, sin) if meta.k_pos is None else self._rope(meta.k_pos, x.dtype)
         layers = self.layers if num_layers is None else self.layers[:num_layers]
         for layer, kv_cache in zip(layers, kv_caches):
-            x = layer(x, cos, sin, meta, kv_cache, self.inv_freq)
+            x = layer(x, (cos, sin, k_cos, k_sin), meta, kv_cache, self.inv_freq)
         return x if num_layers is not None else self.norm(x)
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = kernels.rope_cos_sin(positions, self.inv_freq)
+        return cos[:, None].to(dtype), sin[:, None].to(dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

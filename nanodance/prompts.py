@@ -89,7 +89,7 @@ def encode_prompt(tokenizer, vocab_size: int, prompt: Any, index: int = 0) -> li
     elif is_token_ids(prompt):
         ids = list(prompt)
     elif is_chat(prompt):
-        ids = _require_tokenizer(tokenizer, index).encode_chat(prompt)
+        ids = _require_tokenizer(tokenizer, index).encode_chat([_joined(m) for m in prompt])
     else:
         raise RequestError(f"prompt {index} must be a string, a list of token ids or a list of chat "
                            f"messages ({{'role': ..., 'content': ...}}), got {type(prompt).__name__}")
@@ -110,6 +110,14 @@ def encode_round_prompt(tokenizer, vocab_size: int, engine_id: str, prompt: Any,
                                f"by a different LLM instance; pass its text or token ids instead")
     _check_vocabulary(enc.token_ids, vocab_size, index)
     return enc
+
+
+def _joined(message: dict) -> dict:
+    """A message whose content is a list of strings (parts, none shared) has their concatenation."""
+    content = message.get("content")
+    if isinstance(content, (list, tuple)) and all(isinstance(part, str) for part in content):
+        return {**message, "content": "".join(content)}
+    return message
 
 
 def _check_vocabulary(ids: list[int], vocab_size: int, index: int) -> None:

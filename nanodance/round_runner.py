@@ -51,8 +51,8 @@ def run_round(engine: Engine, encoded: list[EncodedPrompt], params: list[Samplin
                                            owns)
                 plans = {seqs[i].seq_id: plan for i, plan in zip(valid, got)}
             else:  # no shared blocks to reuse: only persistent agents' kept caches need a layout
-                plans = {seqs[i].seq_id: plan_agent(len(encoded[i].token_ids), [], {}, {}, engine.pool.block_size,
-                                                    own=own) for i, own in zip(valid, owns) if own is not None}
+                plans = {seqs[i].seq_id: plan_agent(len(encoded[i].token_ids), [], {}, {}, own=own)
+                         for i, own in zip(valid, owns) if own is not None}
             engine.layouts.plans = plans
             master_blocks = engine.layouts.master_blocks()
             engine.run(seqs, Progress(seqs, use_tqdm, desc="round"), on_step)

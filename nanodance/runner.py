@@ -4,7 +4,8 @@
 
 It flattens the chunks into the ragged batch the model takes (input_ids int64 [T],
 positions int64 [T]) and builds the `AttentionMetadata` (docs/design.md): query rows per
-sequence, the flat slot each new K/V is written to, and each sequence's views clipped to the
+sequence, the flat slot each new K/V is written to and the frame position its key is rotated
+at (a packed diff slot's frame may differ from the token's position), each sequence's views clipped to the
 positions this step can see (a view's slots past the last query position are left out, so
 private blocks can be allocated whole and filled over several steps). Logits are computed only
 for the rows that sample, and a token is drawn for each by the runner's `sampler` (by default
@@ -21,8 +22,7 @@ from nanodance.attention_metadata import AttentionMetadata, ViewRow, build_metad
 from nanodance.cache import BlockPool, KVCache
 from nanodance.model import CausalLM
 from nanodance.sampling import sample
-from nanodance.scheduler import ScheduledChunk
-from nanodance.sequence import Sequence
+from nanodance.sequence import ScheduledChunk, Sequence
 
 Sampler = Callable[[torch.Tensor, list[Sequence]], list[int]]  # (logits [N, vocab], sequences) -> tokens
 
@@ -56,14 +56,18 @@ class ModelRunner:
     def build_batch(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """(input_ids int64 [T], positions int64 [T], metadata) for one step."""
         bs = self.block_size
-        ids, slots = [], []
+        ids, slots, k_pos = [], [], []
         for chunk in chunks:
             seq = chunk.seq
             ids.extend(seq.token_at(p) for p in chunk.positions)
-            slots.extend(seq.slot_of(p, bs) for p in chunk.positions)
+            for p in chunk.positions:
+                slot = seq.slot_of(p, bs)
+                slots.append(slot)
+                k_pos.append(self.pool.blocks[slot // bs].frame0 + slot % bs)  # the frame rule
+        q_pos = [p for c in chunks for p in c.positions]
         meta = build_metadata([self.view_rows(c) for c in chunks], [c.positions for c in chunks], bs,
-                              self.device, slots)
-        positions = torch.tensor([p for c in chunks for p in c.positions], dtype=torch.int64, device=self.device)
+                              self.device, slots, None if k_pos == q_pos else k_pos)
+        positions = torch.tensor(q_pos, dtype=torch.int64, device=self.device)
         return torch.tensor(ids, dtype=torch.int64, device=self.device), positions, meta
 
     @torch.inference_mode()

@@ -2,7 +2,8 @@
 
 Owns the waiting and running queues, block allocation for each step, prefix-cache matching
 at admission, preemption by recompute, and the bookkeeping after a step (append the sampled
-token, finish checks, publish full blocks to the prefix index, release finished sequences).
+token, finish checks, publish full blocks to the prefix index); the engine releases finished
+sequences (`release`) once it has kept what later rounds reuse.
 
 One step (`schedule`) spends a token budget (`max_num_batched_tokens`):
 1. running sequences in admission order take the next positions of their `pending` list
@@ -13,7 +14,7 @@ One step (`schedule`) spends a token budget (`max_num_batched_tokens`):
    pool and `max_num_seqs` allow; an admitted sequence first reuses its cached prefix blocks.
 The result is a list of `ScheduledChunk`s; the runner turns them into one forward pass.
 
-A round request is laid out at admission by a `LayoutSource` (the collector): the scheduler
+A round request is laid out at admission by a `LayoutSource` (the engine's `RoundLayouts`): the scheduler
 asks it, through that one method, to give the sequence its views (master views, private blocks,
 diff blocks). Nothing is stored on the sequence to call back, and the scheduler never reaches
 into the engine: `postprocess` returns what happened (`StepResult`), and the engine decides
@@ -31,8 +32,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol
 
-from nanodance.cache import BlockPool, NoFreeBlocks, View, chain_hash
-from nanodance.sequence import Sequence, Status
+from nanodance.cache import BlockPool, View, chain_hash
+from nanodance.errors import NoFreeBlocks
+from nanodance.sequence import ScheduledChunk, Sequence, Status
 
 
 class LayoutSource(Protocol):
@@ -41,13 +43,6 @@ class LayoutSource(Protocol):
     def lay_out(self, seq: Sequence) -> bool | None:
         """Give fresh `seq` its views: True when done, False when the pool is short (nothing
         is kept, the sequence is untouched), None when `seq` has no plan (plain prefix match)."""
-
-
-@dataclass
-class ScheduledChunk:
-    seq: Sequence
-    positions: list[int]  # sorted positions whose K/V this step computes
-    sample: bool  # the chunk empties `pending`: sample the next token from its last row
 
 
 @dataclass

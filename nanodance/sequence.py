@@ -127,3 +127,10 @@ class Sequence:
         self.pending = list(range(self.num_tokens))
         self.num_hashed_blocks = 0
         self.status = Status.WAITING
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    positions: list[int]  # sorted positions whose K/V this step computes
+    sample: bool  # the chunk empties `pending`: sample the next token from its last row

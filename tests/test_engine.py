@@ -522,3 +522,4 @@ def test_unseeded_sampling_follows_the_engine_seed(llama3):
     hot = SamplingParams(**HOT)
     a, b = (run(make_llm(folder, seed=77), [prompt], hot)[0].token_ids for _ in range(2))
     assert a == b
+

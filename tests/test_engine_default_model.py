@@ -152,3 +152,12 @@ def test_request_that_cannot_fit_fails_alone(default_model_dir):
     assert too_long.finish_reason == "error" and "max_model_len" in too_long.error
     assert fine.finish_reason in ("stop", "length") and fine.token_ids
     assert_no_leak(engine)
+
+
+def test_chat_content_given_as_a_list_of_strings_is_their_concatenation(llm):
+    """A message's content may be a list of parts; without `Shared` parts they are simply joined."""
+    parts = [{"role": "user", "content": ["What is the capital ", "of France?"]}]
+    whole = chat("What is the capital of France?")
+    assert llm.encode_prompt(parts) == llm.encode_prompt(whole)
+    assert [o.token_ids for o in llm.generate([parts, whole], GREEDY, use_tqdm=False)] == \
+        [o.token_ids for o in llm.generate([whole, whole], GREEDY, use_tqdm=False)]

@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanodance.attention_metadata import AttentionMetadata
+from nanodance.attention_metadata import AttentionMetadata, build_metadata
 from nanodance.config import ModelConfig, rope_inv_freq
 from nanodance.errors import ConfigError, ModelLoadError
 from nanodance.model import CausalLM
@@ -64,7 +64,7 @@ class HandPagedCache:
     def batch(self, chunks: list[tuple[int, list[int]]]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """(input_ids int64 [T], positions int64 [T], meta) for the chunks; commits the tokens."""
         bs = self.block_size
-        ids, pos, slots, cu, rows = [], [], [], [0], []
+        ids, q_pos, slots, rows = [], [], [], []
         for s, toks in chunks:
             if s == len(self.tables):
                 self.tables.append([])
@@ -74,21 +74,13 @@ class HandPagedCache:
             while len(table) * bs < end:
                 table.append(self.free.pop(0))
             ids += toks
-            pos += range(start, end)
+            q_pos.append(list(range(start, end)))
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            cu.append(len(ids))
             rows.append([(block, 0, min(bs, end - j * bs), j * bs, 0) for j, block in enumerate(table)])
             self.tokens[s] += toks
-        views = torch.zeros(len(chunks), max(len(r) for r in rows), 5, dtype=torch.int32)
-        for b, r in enumerate(rows):
-            views[b, :len(r)] = torch.tensor(r, dtype=torch.int32)
-        meta = AttentionMetadata(
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32), q_pos=torch.tensor(pos, dtype=torch.int32),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64), views=views,
-            num_views=torch.tensor([len(r) for r in rows], dtype=torch.int32),
-            max_seqlen_q=max(len(t) for _, t in chunks), max_views=views.shape[1],
-            max_kv_len=max(sum(hi - lo for _, lo, hi, _, _ in r) for r in rows), block_size=bs)
-        return torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64), meta
+        meta = build_metadata(rows, q_pos, bs, "cpu", slots)
+        positions = torch.tensor([p for ps in q_pos for p in ps], dtype=torch.int64)
+        return torch.tensor(ids, dtype=torch.int64), positions, meta
 
     def step(self, model: CausalLM, chunks: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
         ids, pos, meta = self.batch(chunks)

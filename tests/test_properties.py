@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from nanodance import LLM, SamplingParams, Shared
 from nanodance.errors import RequestError
+from nanodance.segments import output_block_ids
 from tiny_checkpoints import random_ids as ids, write_tiny_checkpoint
 
 BLOCK = 4
@@ -136,7 +137,7 @@ class Driver:
                 head = self.history.get(name) or PERSONAS[a["persona"]]
                 # Shared() refuses an output without tokens: one that failed in the tight pool.
                 parts = [head] + [Shared(self.prev[j]) for j in a["shared"]
-                                  if j < len(self.prev) and self.prev[j].token_ids]
+                                  if j < len(self.prev) and output_block_ids(self.prev[j])]
                 parts += ([common] if a["common"] else []) + [TAIL]
                 prompts.append(parts)
                 names.append(name)
