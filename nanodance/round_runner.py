@@ -13,16 +13,16 @@ accounting.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Hashable
 
-from nanodance.engine import Engine, StepCallback
-from nanodance.layout import AgentPlan, Run, plan_agent
+from nanodance.cache import BlockPool
+from nanodance.engine import Engine, Prefilled, StepCallback
+from nanodance.layout import AgentPlan, plan_agent
 from nanodance.progress import Progress
 from nanodance.round_stats import RoundOutputs, round_stats
 from nanodance.sampling import SamplingParams
-from nanodance.segments import EncodedPrompt
+from nanodance.segments import EncodedPrompt, SharedSpan
 from nanodance.sequence import Sequence
 
 
@@ -99,12 +99,38 @@ def _account(engine: Engine, seqs: list[Sequence], encoded: list[EncodedPrompt],
         reference_token_layers=after[1] - before[1],
         collector_seconds=after[2] - before[2],
         num_masters=len({id(r.master) for p in used_plans for r in p.runs if r.master is not None}),
-        diff_blocks=sum(math.ceil((r.end - r.start) / bs) for p in used_plans for r in p.runs
-                        if r.start >= p.prefix_len and r.kind in ("compute", "copy") and _inside_span(r, p)),
+        # Modes without a collector hold shared blocks like private text: they have no mirrors.
+        mirrors=_mirrors([(prefilled[s.seq_id], e.spans if engine.collector else []) for s, e in done],
+                         master_blocks, engine.pool),
         prefill_seconds=max((prefilled[s.seq_id].seconds for s, _ in done), default=t0) - t0,
         round_seconds=t_end - t0)
 
 
-def _inside_span(run: Run, plan: AgentPlan) -> bool:
-    """A private run that replaces part of a shared block (a diff block), not private text."""
-    return run.kind == "copy" or any(run.start <= p < run.end for p in plan.recompute)
+def _mirrors(agents: list[tuple[Prefilled, list[SharedSpan]]], master_blocks: set, pool: BlockPool) -> dict:
+    """Each agent's mirror of the shared blocks it reads: its *diff* is the shared positions it
+    holds in private slots (recomputed or copied) rather than in a master's.
+
+    Per slot: shared tokens / diff tokens. Per block: shared blocks (ceil(span / block_size)
+    per span) / diff blocks, the distinct private blocks holding any diff token, counted whole
+    because memory is allocated in blocks; `diff_block_fill` is how full those blocks are with
+    diff tokens (the rest holds the agent's private text or is free)."""
+    bs = pool.block_size
+    shared_tokens = shared_blocks = diff_tokens = diff_blocks = 0
+    for record, spans in agents:
+        private = [v for v, b in zip(record.views, record.blocks) if b not in master_blocks]
+        blocks = set()
+        for span in spans:
+            shared_tokens += span.length
+            shared_blocks += -(-span.length // bs)
+            for v in private:
+                inside = v.clip(span.start, span.end)
+                if inside is not None:
+                    diff_tokens += inside.length
+                    blocks.add(v.block)
+        diff_blocks += len(blocks)
+    return {
+        "shared_tokens": shared_tokens, "diff_tokens": diff_tokens, "diff_blocks": diff_blocks,
+        "diff_block_fill": diff_tokens / (diff_blocks * bs) if diff_blocks else 0.0,
+        "mirror_compression_slots": shared_tokens / diff_tokens if diff_tokens else None,
+        "mirror_compression_blocks": shared_blocks / diff_blocks if diff_blocks else None,
+    }

@@ -36,7 +36,7 @@ def round_stats(*, mode: str, prompt_lens: list[int], private_tokens: list[int],
                 agent_blocks: list[list[tuple[int, int]]], master_blocks: set[tuple[int, int]], block_size: int,
                 block_bytes: int, num_layers: int, prefill_tokens_computed: int, reused_tokens: int,
                 recomputed_tokens: int, reference_token_layers: int, collector_seconds: float, num_masters: int,
-                diff_blocks: int, prefill_seconds: float, round_seconds: float) -> dict:
+                mirrors: dict, prefill_seconds: float, round_seconds: float) -> dict:
     counts = Counter(b for blocks in agent_blocks for b in set(blocks))
     distinct = set(counts) | master_blocks
     shared = {b for b, c in counts.items() if c > 1} | master_blocks
@@ -64,7 +64,7 @@ def round_stats(*, mode: str, prompt_lens: list[int], private_tokens: list[int],
         "prefill_token_layers": prefill_tokens_computed * num_layers + reference_token_layers,
         "collector_seconds": collector_seconds,
         "masters": num_masters,
-        "diff_blocks": diff_blocks,
+        **mirrors,
         "prefill_seconds": prefill_seconds,
         "round_seconds": round_seconds,
     }
