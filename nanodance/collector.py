@@ -182,7 +182,7 @@ class Collector:
                 if span.key in self._masters or span.key in self._to_prefill:
                     continue
                 produced = self.outputs.get(span.source.request_id) if span.source is not None else None
-                if self.cfg.master == "producer" and produced is not None and produced.key == span.key:
+                if self.cfg.producer_master_for(span.length) and produced is not None and produced.key == span.key:
                     self._masters[span.key] = produced
                     self.counters.producer_masters += 1
                 else:

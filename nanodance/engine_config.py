@@ -21,7 +21,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 REUSE_MODES = ("none", "prefix", "pic", "tokendance")
 SCHEMES = ("block", "first", "token")
-MASTER_SOURCES = ("producer", "standalone")
+MASTER_SOURCES = ("producer", "standalone", "auto")
 SELECTIONS = ("collective", "per_agent")
 DEFAULT_KV_CACHE_MEMORY = 512 * 2**20  # bytes, when neither kv_cache_blocks nor kv_cache_memory is given
 
@@ -42,7 +42,8 @@ class EngineConfig:
     seed: int = 0  # the engine's sampling generator (a request's own `seed` overrides it)
     recompute_ratio: float = 0.15  # share of each shared block recomputed in each agent's context
     recompute_scheme: str = "block"  # "block" | "first" | "token"
-    master: str = "producer"  # "producer" (last round's decode KV) | "standalone" (prefilled alone)
+    master: str = "producer"  # "producer" (last round's decode KV) | "standalone" (prefilled alone) | "auto"
+    auto_standalone_tokens: int = 64  # "auto": blocks this long or longer get standalone masters
     master_sink: bool = True  # prefill standalone masters behind a bos sink token
     check_layer: int = 1  # layer whose key deviation picks the recomputed blocks
     selection: str = "collective"  # "collective" (once per block) | "per_agent" (pic always is)
@@ -53,7 +54,7 @@ class EngineConfig:
     def validate(self) -> None:
         """Raise RequestError naming the first bad option; nothing has been built yet."""
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_blocks", "kv_cache_memory",
-                     "max_model_len"):
+                     "max_model_len", "auto_standalone_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise RequestError(f"{name} must be a positive int, got {value!r}")
@@ -96,6 +97,19 @@ class EngineConfig:
     def uses_collector(self) -> bool:
         """Modes that reuse shared blocks at new positions (the others never call the collector)."""
         return self.reuse in ("pic", "tokendance")
+
+    @property
+    def pins_outputs(self) -> bool:
+        """Round outputs are kept for the next round only if a producer master may read them."""
+        return self.uses_collector and self.master in ("producer", "auto")
+
+    def producer_master_for(self, length: int) -> bool:
+        """Does a shared block of `length` tokens that is an earlier output use its producer's KV?
+
+        Measured on the default model (docs/results.md): standalone masters give about 2x lower
+        first-token KL on 128-token blocks, and 2.5-7x higher on 12-48-token ones; "auto" splits
+        at `auto_standalone_tokens` (64 by default, between the two)."""
+        return self.master == "producer" or (self.master == "auto" and length < self.auto_standalone_tokens)
 
     @property
     def per_agent_selection(self) -> bool:

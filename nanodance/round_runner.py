@@ -36,7 +36,7 @@ def run_round(engine: Engine, encoded: list[EncodedPrompt], params: list[Samplin
     for seq, agent in zip(seqs, agent_ids):
         seq.agent_id = agent
         # Its output may be a producer master next round; standalone masters never read it.
-        seq.pin_output = collector is not None and engine.cfg.master == "producer"
+        seq.pin_output = engine.cfg.pins_outputs
     valid = [i for i, seq in enumerate(seqs) if engine.capacity_error(seq) is None]
     plans: dict[int, AgentPlan] = {}
     master_blocks: set = set()

@@ -153,3 +153,17 @@ def test_the_block_size_does_not_change_what_attention_computes(folder):
     reference = first_logits(folder, 16, prompts)
     for block_size in (2, 4, 5):
         torch.testing.assert_close(first_logits(folder, block_size, prompts), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_masters_are_standalone_for_long_blocks_and_producers_for_short_ones(folder):
+    llm = LLM(folder, dtype="float32", device="cpu", block_size=BLOCK, kv_cache_blocks=128, recompute_ratio=0.0,
+              master="auto", auto_standalone_tokens=6)
+    long_, short = (SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (8, 3))
+    r0 = llm.run_round([[random_ids(5, seed=80)], [random_ids(5, seed=81)]], [long_, short], use_tqdm=False)
+    llm.run_round([[random_ids(3, seed=82), Shared(r0[0]), Shared(r0[1]), random_ids(2, seed=83)]],
+                  SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    counters = llm.collector.counters
+    assert (counters.standalone_masters, counters.producer_masters) == (1, 1)  # the 8-token one, the 3-token one
+    llm.release_round_outputs()
+    llm.check_invariants()
+    assert llm.pool.num_used == 0

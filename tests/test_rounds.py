@@ -130,7 +130,7 @@ def baseline(folder) -> list[list[int]]:
 # --- 1. exactness at full recompute ----------------------------------------------------------
 
 @pytest.mark.parametrize("scheme", ["block", "first", "token"])
-@pytest.mark.parametrize("master", ["producer", "standalone"])
+@pytest.mark.parametrize("master", ["producer", "standalone", "auto"])
 @pytest.mark.parametrize("reuse", ["tokendance", "pic"])
 def test_full_recompute_gives_the_tokens_of_no_reuse(folder, reuse, master, scheme):
     llm = make_llm(folder, reuse=reuse, recompute_ratio=1.0, master=master, recompute_scheme=scheme)
