@@ -21,14 +21,13 @@ Sections (each printed as a table, all written to `<out>/<preset>[-dry].json`):
    fidelity vs `none`. Whole-run totals are in the JSON.
    * Mirror compression = a mirror's full shared bytes / its diff bytes, summed over the agents
      of the round; the full shared bytes are the blocks the agent's shared spans would fill
-     densely (ceil(len / block) per span). Three diff measures, because the collector packs
-     recomputed tokens into private blocks that may also hold private text:
-       `mirror`  diff = the engine's `diff_blocks` (each recomputed run rounded up to whole
-                 blocks: the block-sparse diff as the paper defines it);
-       `phys`    diff = distinct private physical blocks holding any shared-span position,
-                 counted whole even when they also hold private text (a lower bound);
-       `slots`   shared tokens / privately held shared-span tokens (an upper bound).
-     `pic` holds every shared token privately (mirror compression 1); none/prefix have no mirrors.
+     densely (ceil(len / block) per span). Packed diffs put recomputed tokens in the next free
+     slots of an agent's private blocks, beside its private text, so there are three measures:
+       `mirror`  the engine's per-block mirror compression: shared blocks / `diff_blocks`, the
+                 distinct private blocks holding any recomputed token, counted whole;
+       `phys`    the same from the suite's own view of the agents' prefill layouts (it must agree);
+       `slots`   shared tokens / privately held shared-span tokens (per slot).
+     `pic` holds every shared token privately (1 per slot); none/prefix have no mirrors.
    * Fidelity is measured on identical inputs in every round by teacher forcing: the `none`
      engine runs first and freely (greedy); every other engine is fed none's tokens as its
      outputs (its runner's sampled tokens are replaced), while its own greedy choice at every
@@ -475,7 +474,7 @@ def summarize(records: list[RoundRecord], backend: Backend, ref: list[RoundRecor
         "dense_kv_bytes": s["dense_kv_bytes"] * scale,
         "compression": s["compression"], "compression_bound": s["dense_kv_bytes"] / bb / max(m["bound_blocks"], 1),
         "engine_compression_bound": s["compression_bound"], "bound_blocks": m["bound_blocks"],
-        "mirror": m["shared_blocks"] / s["diff_blocks"] if s["diff_blocks"] else None,
+        "mirror": s["mirror_compression_blocks"],
         "mirror_phys": m["shared_blocks"] / m["diff_phys_blocks"] if m["diff_phys_blocks"] else None,
         "mirror_slots": m["shared_tokens"] / m["diff_slots"] if m["diff_slots"] else None,
         "diff_blocks": s["diff_blocks"], "mirror_accounting": m,
