@@ -90,7 +90,9 @@ def config_name(c: dict) -> str:
 
 MAIN_CONFIGS = [dict(reuse="none"), dict(reuse="prefix"),
                 dict(reuse="pic", recompute_ratio=0.15, recompute_scheme="block", master="producer"),
-                dict(reuse="tokendance", recompute_ratio=0.15, recompute_scheme="block", master="producer")]
+                dict(reuse="pic", recompute_ratio=0.15, recompute_scheme="block", master="standalone"),
+                dict(reuse="tokendance", recompute_ratio=0.15, recompute_scheme="block", master="producer"),
+                dict(reuse="tokendance", recompute_ratio=0.15, recompute_scheme="block", master="auto")]
 SWEEP_RATIOS = (0.0, 0.05, 0.15, 0.3)
 
 
@@ -108,7 +110,7 @@ def sweep_configs() -> list[dict]:
 def needs_own_answers(cfg: dict) -> bool:
     """Producer masters are the producer's own decode KV: such an engine must answer round 0 itself.
     (`pic` uses the same master source as tokendance, so the two differ only in how they reuse it.)"""
-    return cfg["reuse"] in ("pic", "tokendance") and cfg.get("master", "producer") == "producer"
+    return cfg["reuse"] in ("pic", "tokendance") and cfg.get("master", "producer") in ("producer", "auto")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

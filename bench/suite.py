@@ -119,7 +119,7 @@ class Config:
         if default:
             return self.reuse
         name = f"{'td' if self.reuse == 'tokendance' else 'pic'} {self.scheme} {self.ratio:g}"
-        return name + (" standalone" if self.master != "producer" else "")
+        return name + ("" if self.master == "producer" else f" {self.master}")
 
     def engine_kwargs(self) -> dict:
         kw = {"reuse": self.reuse}

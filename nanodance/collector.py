@@ -169,10 +169,11 @@ class Collector:
     def begin_round(self, spans_per_agent: list[list[SharedSpan]]) -> list[list[int]]:
         """Find a master for every distinct segment; return the token ids of those to prefill.
 
-        A segment that is an earlier output pinned here gets it as master (`master="producer"`).
-        Any other is prefilled standalone, behind the sink token when configured; a block first
-        seen at position 0 is prefilled as it is (then it is exact for every agent that starts
-        with it). The engine runs the returned prompts and passes the sequences to `adopt_masters`.
+        A segment that is an earlier output pinned here gets it as master (`master="producer"`,
+        or "auto" below its length threshold). Any other is prefilled standalone, behind the sink
+        token when configured; a block first seen at position 0 is prefilled as it is (then it is
+        exact for every agent that starts with it). The engine runs the returned prompts and
+        passes the sequences to `adopt_masters`.
         """
         t0 = time.perf_counter()
         self._planning, self._masters, self._to_prefill = True, {}, {}

@@ -42,7 +42,7 @@ class EngineConfig:
     seed: int = 0  # the engine's sampling generator (a request's own `seed` overrides it)
     recompute_ratio: float = 0.15  # share of each shared block recomputed in each agent's context
     recompute_scheme: str = "block"  # "block" | "first" | "token"
-    master: str = "producer"  # "producer" (last round's decode KV) | "standalone" (prefilled alone) | "auto"
+    master: str = "auto"  # "producer" (last round's decode KV) | "standalone" (prefilled alone) | "auto"
     auto_standalone_tokens: int = 64  # "auto": blocks this long or longer get standalone masters
     master_sink: bool = True  # prefill standalone masters behind a bos sink token
     check_layer: int = 1  # layer whose key deviation picks the recomputed blocks

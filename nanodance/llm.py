@@ -55,10 +55,11 @@ class LLM:
     recompute_ratio=0.15     share of each shared block each agent recomputes (1.0 is exact)
     recompute_scheme="block" "block" (first block + most deviating blocks) | "first" (first
                              tokens, no scoring) | "token" (first token + most deviating tokens)
-    master="producer"        where a shared block's K/V comes from: "producer" (the earlier
+    master="auto"            where a shared block's K/V comes from: "producer" (the earlier
                              round's decode, no prefill), "standalone" (prefilled on its own;
-                             better for long blocks of about 100 tokens or more), or "auto"
-                             (standalone for blocks of `auto_standalone_tokens`=64 or more)
+                             better for long blocks of about 100 tokens or more), or "auto":
+                             standalone for blocks of `auto_standalone_tokens` (64) or more,
+                             producer below
     master_sink=True         prefill standalone masters behind a bos sink token (dropped after)
     check_layer=1            the layer whose key deviation ranks the blocks to recompute
     selection="collective"   score each shared block once per round, or "per_agent" (pic always is)

@@ -1,5 +1,5 @@
 """Smoke test of bench/rounds.py: a 3-agent debate round with 40-token answers (so every shared
-answer fills a whole block) runs all four modes, prints the table and writes the JSON. Timings are
+answer fills a whole block) runs every mode, prints the table and writes the JSON. Timings are
 not checked (noise at this size); the accounting and the exact modes are."""
 from __future__ import annotations
 
@@ -16,8 +16,12 @@ def test_rounds_smoke(default_model_dir, tmp_path, capsys):  # noqa: F811
     printed = capsys.readouterr().out
     assert "reproduce: python bench/rounds.py --agents 3" in printed
     rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
-    assert list(rows) == ["none", "prefix", "pic r=0.15 block", "tokendance r=0.15 block producer"]
-    none, prefix, pic, td = rows.values()
+    assert list(rows) == ["none", "prefix", "pic r=0.15 block", "pic r=0.15 block standalone",
+                          "tokendance r=0.15 block producer", "tokendance r=0.15 block auto"]
+    none, prefix, pic, pic_standalone, td, td_auto = rows.values()
+    # 40-token answers are below auto's 64-token threshold: auto is the producer config exactly.
+    assert td_auto["round1_ids"] == td["round1_ids"] and td_auto["stats"]["distinct_kv_bytes"] == \
+        td["stats"]["distinct_kv_bytes"]
     assert all(r["round0_identical"] for r in rows.values())  # fidelity is measured on identical inputs
     # none is the reference; prefix mode is exact, so it agrees with none completely.
     for exact_mode in (none, prefix):
