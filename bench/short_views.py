@@ -69,23 +69,24 @@ def merge_runs(views: list) -> list:
     return out
 
 
-def time_step(views_per_agent: list, context: int, repeats: int) -> tuple[float, int]:
+def step_timer(views_per_agent: list, context: int):
+    """A function that times one decode step of attention (one layer) over these views."""
     gen = torch.Generator().manual_seed(0)
     blocks = 2 + max(v[0] for vs in views_per_agent for v in vs)
     k = torch.randn(blocks, BLOCK, HKV, DIM, generator=gen)
     v = torch.randn(blocks, BLOCK, HKV, DIM, generator=gen)
     q = torch.randn(len(views_per_agent), HKV * GROUP, DIM, generator=gen)
     inv = default_inv_freq(DIM)
-    times = []
-    for _ in range(repeats):
+
+    def once() -> float:
         meta = build_metadata(views_per_agent, [[context - 1]] * len(views_per_agent), BLOCK)
         t0 = time.perf_counter()
         kv_gather(meta)
         setup = time.perf_counter() - t0
         t0 = time.perf_counter()
         paged_attention_torch(q, k, v, meta, inv, DIM ** -0.5)
-        times.append(setup / LAYERS + time.perf_counter() - t0)
-    return statistics.median(times), max(len(vs) for vs in views_per_agent)
+        return setup / LAYERS + time.perf_counter() - t0
+    return once
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,10 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     rng = random.Random(0)
     first = 2 + args.context // BLOCK
-    rows = {}
+    timers, counts = {}, {}
     for name, scattered in (("block-aligned recompute", False), ("scattered 1-token patches", True)):
         views = [merge_runs(agent_views(rng, args.context, args.recompute, scattered, first)) for _ in range(args.agents)]
-        rows[name] = time_step(views, args.context, args.repeats)
+        timers[name], counts[name] = step_timer(views, args.context), max(len(v) for v in views)
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(args.repeats):  # alternate, so that noise from other jobs hits both alike
+        for name, once in timers.items():
+            times[name].append(once())
+    rows = {name: (statistics.median(ts), counts[name]) for name, ts in times.items()}
     base = rows["block-aligned recompute"][0]
     print(f"decode attention, torch path, {args.agents} agents x {args.context} keys, {args.recompute:.0%} of them "
           f"recomputed; {torch.get_num_threads()} threads; median of {args.repeats}; per layer incl. 1/{LAYERS} "
