@@ -36,3 +36,21 @@ def test_rounds_smoke(default_model_dir, tmp_path, capsys):  # noqa: F811
     # it. The README's 128-token run is where that comparison is made.)
     assert td["stats"]["distinct_kv_bytes"] < pic["stats"]["distinct_kv_bytes"]
     assert td["stats"]["compression"] <= td["stats"]["compression_bound"]
+
+
+def test_rounds_sweep_smoke(default_model_dir, tmp_path, capsys):  # noqa: F811
+    """`--sweep-only` at a tiny size: every variant on shared engines, fidelity on identical inputs."""
+    bench = load_script("bench/rounds.py")
+    out = tmp_path / "sweep.json"
+    assert bench.main(["--agents", "2", "--answer-tokens", "16", "--sweep-only", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "trade-off (sorted by KL)" in printed
+    rows = json.loads(out.read_text())["rows"]
+    sweep = [r for r in rows if r["engine"] != "fresh"]
+    assert len(sweep) == len(bench.sweep_configs())
+    assert all(r["round0_identical"] for r in rows)
+    for r in sweep:
+        if r["params"]["recompute_ratio"] == 0.3 and r["params"]["reuse"] == "tokendance":
+            assert r["stats"]["prefill_tokens_recomputed"] > 0
+        if r["params"]["reuse"] == "pic":
+            assert r["stats"]["compression"] <= 1.0  # pic copies every shared token
