@@ -101,3 +101,13 @@ def test_the_module_exits_1_with_one_line_and_no_traceback(tmp_path):
     assert r.returncode == 1, r.stderr
     assert r.stdout == "" and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: temperature"), r.stderr
+
+
+def test_a_too_long_prompt_is_one_line_from_the_module_too(default_model_dir):
+    """The engine logs a request that fails; the command line says it once, not twice."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "nanodance", "generate", "word " * 60, "--model", str(default_model_dir),
+                        "--max-model-len", "16", "--kv-cache-blocks", "8"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.splitlines() == [r.stderr.strip()] and r.stderr.startswith("error: prompt has"), r.stderr

@@ -8,6 +8,7 @@ finish_reason "error") print one line, `error: <message>`, to stderr and exit wi
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from nanodance.errors import NanodanceError
@@ -72,6 +73,10 @@ def _prepare(args) -> int:
 
 def _generate(args) -> int:
     from nanodance import LLM, SamplingParams
+
+    # A request that fails is reported below as the one error line; the engine's log line about
+    # it would say the same thing twice.
+    logging.getLogger("nanodance").setLevel(logging.ERROR)
 
     # Before the model loads: a typo in an option should not cost a model load to find out.
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
