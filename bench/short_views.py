@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     first = 2 + args.context // BLOCK
     timers, counts = {}, {}
     for name, scattered in (("block-aligned recompute", False), ("scattered 1-token patches", True)):
-        views = [merge_runs(agent_views(rng, args.context, args.recompute, scattered, first)) for _ in range(args.agents)]
+        views = [merge_runs(agent_views(rng, args.context, args.recompute, scattered, first))
+                 for _ in range(args.agents)]
         timers[name], counts[name] = step_timer(views, args.context), max(len(v) for v in views)
     times: dict[str, list[float]] = {name: [] for name in timers}
     for _ in range(args.repeats):  # alternate, so that noise from other jobs hits both alike

@@ -22,10 +22,10 @@ Tensors (all on the model's device):
                                  frame; attention then reads them through their view's delta.
 
 Host-side ints: `max_seqlen_q`, `max_views`, `block_size`, and `max_kv_len` (the largest
-sum of view lengths of one sequence). Attention semantics (docs/design.md, "Why the query is rotated"): query at position
-p attends every key of its views with key position <= p; for a view with delta d the scores
-are computed as (R(-d) q) . k_cached, which equals attention over keys re-rotated to their
-positions in this sequence.
+sum of view lengths of one sequence). Attention semantics (docs/design.md, "Why the query is
+rotated"): query at position p attends every key of its views with key position <= p; for a
+view with delta d the scores are computed as (R(-d) q) . k_cached, which equals attention over
+keys re-rotated to their positions in this sequence.
 
 Build one with `build_metadata`: the runner, the collector's reference forward and the tests
 all do (only the GPU benchmark assembles its large batches on the device directly).

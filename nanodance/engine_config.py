@@ -91,7 +91,8 @@ class EngineConfig:
         try:
             return torch.device(self.device)
         except (RuntimeError, TypeError):
-            raise RequestError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {self.device!r}") from None
+            raise RequestError(f"device must be a torch device such as 'cpu' or 'cuda:0', "
+                               f"got {self.device!r}") from None
 
     @property
     def uses_collector(self) -> bool:

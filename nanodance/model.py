@@ -8,9 +8,10 @@ weights on disk (weights.py). One forward runs a ragged batch flattened to T tok
     compute_logits(hidden [N, H]) -> fp32 [N, vocab]     (only for the rows that sample)
 
 `kv_caches[i]` is layer i's `(k_cache, v_cache)`, each `[num_blocks, block_size, Hkv, D]`.
-Keys are stored after RoPE (docs/design.md, "Why the query is rotated"), written by `kernels.store_kv` before attention,
-so a query sees the keys of its own step. q/k/v and gate/up projections are fused at load
-time (one matmul each); Qwen2 adds q/k/v biases, Qwen3 a per-head RMSNorm on q and k.
+Keys are stored after RoPE (docs/design.md, "Why the query is rotated"), written by
+`kernels.store_kv` before attention, so a query sees the keys of its own step. q/k/v and
+gate/up projections are fused at load time (one matmul each); Qwen2 adds q/k/v biases, Qwen3
+a per-head RMSNorm on q and k.
 RoPE follows transformers exactly (cos/sin computed in fp32, cast to the activation dtype),
 so logits match `transformers` bit for bit on the same weights and dtype.
 """

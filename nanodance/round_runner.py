@@ -2,7 +2,7 @@
 
     run_round(engine, encoded, params, agent_ids, prompts, use_tqdm, on_step) -> RoundOutputs
 
-Data flows one way (docs/design.md, "One round"): the prompts' shared spans go to the
+Data flows one way (docs/design.md, "The flow of one round"): the prompts' shared spans go to the
 collector, which returns the masters to prefill; the engine prefills them with its own step
 loop and hands the sequences back; the collector plans every agent; the plans go to the
 engine's `RoundLayouts`, which the scheduler asks at admission; the engine steps until every
