@@ -40,7 +40,7 @@ from nanodance.layout import RoundLayouts
 from nanodance.model import CausalLM
 from nanodance.progress import Progress
 from nanodance.runner import ModelRunner, Sampler, default_sampler
-from nanodance.sampling import SamplingParams
+from nanodance.sampling import SamplingParams, TokenLogprobs
 from nanodance.scheduler import Scheduler, StepResult
 from nanodance.sequence import Sequence
 
@@ -61,6 +61,7 @@ class RequestOutput:
     error: str | None = None
     stopped_by_token: bool = False  # the last token is an eos / stop id (not part of a Shared block)
     engine_id: str = ""  # which LLM produced it (Shared(output) is only valid on that engine)
+    logprobs: list[TokenLogprobs] | None = None  # per generated token, when SamplingParams.logprobs is set
 
 
 @dataclass
@@ -162,7 +163,8 @@ class Engine:
             token_ids=list(seq.output_token_ids), finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
             num_preemptions=seq.num_preemptions, error=seq.error, stopped_by_token=seq.stopped_by_token,
-            engine_id=self.engine_id)
+            engine_id=self.engine_id,
+            logprobs=list(seq.logprobs[:len(seq.output_token_ids)]) if seq.params.logprobs is not None else None)
 
     # ------------------------------------------------------------------ the call in flight
 

@@ -21,7 +21,7 @@ import torch
 from nanodance.attention_metadata import AttentionMetadata, ViewRow, build_metadata
 from nanodance.cache import BlockPool, KVCache
 from nanodance.model import CausalLM
-from nanodance.sampling import sample
+from nanodance.sampling import sample, token_logprobs
 from nanodance.sequence import ScheduledChunk, Sequence
 
 Sampler = Callable[[torch.Tensor, list[Sequence]], list[int]]  # (logits [N, vocab], sequences) -> tokens
@@ -80,7 +80,19 @@ class ModelRunner:
         if sampling:
             last_rows = meta.cu_seqlens_q[1:].long() - 1
             logits = self.model.compute_logits(hidden[last_rows[sampling]])
-            drawn = self.sampler(logits, [chunks[k].seq for k in sampling])
+            seqs = [chunks[k].seq for k in sampling]
+            drawn = self.sampler(logits, seqs)
             for k, token in zip(sampling, drawn):
                 tokens[k] = token
+            _record_logprobs(logits, seqs, drawn)
         return tokens
+
+
+def _record_logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> None:
+    """Append each sampled token's log-probabilities to the sequences that asked for them."""
+    asked = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+    if not asked:
+        return
+    found = token_logprobs(logits[asked], [tokens[i] for i in asked], [seqs[i].params.logprobs for i in asked])
+    for i, entry in zip(asked, found):
+        seqs[i].logprobs.append(entry)

@@ -16,6 +16,8 @@ import torch
 
 from nanodance.errors import RequestError
 
+MAX_LOGPROBS = 20  # as OpenAI's API: top_logprobs <= 20
+
 
 @dataclass
 class SamplingParams:
@@ -29,6 +31,7 @@ class SamplingParams:
     stop: list[str] | str | None = None  # stop strings (finish_reason "stop"; not included in the text)
     stop_token_ids: list[int] = field(default_factory=list)  # stop on these ids too (kept in token_ids)
     ignore_eos: bool = False  # keep going past the model's end-of-sequence tokens
+    logprobs: int | None = None  # report each sampled token's log-probability and the top-k (k <= 20)
 
     def __post_init__(self):
         self.validate()
@@ -62,10 +65,34 @@ class SamplingParams:
         bad_ids = [t for t in self.stop_token_ids if not isinstance(t, int) or isinstance(t, bool) or t < 0]
         if bad_ids:
             raise RequestError(f"stop_token_ids must be non-negative ints, got {bad_ids!r}")
+        k = self.logprobs
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
+            raise RequestError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {k!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass
+class TokenLogprobs:
+    """One sampled token's log-probability under the model (before temperature, top-k and top-p)
+    and the `k` most likely tokens with theirs, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprobs]:
+    """For rows of fp32 `logits` [N, vocab]: each row's sampled token and its top-`ks[i]` tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(logp, max(max(ks), 1), dim=-1)
+    out = []
+    for row, (token, k) in enumerate(zip(tokens, ks)):
+        pairs = list(zip(top.indices[row, :k].tolist(), top.values[row, :k].tolist()))
+        out.append(TokenLogprobs(token, float(logp[row, token]), pairs))
+    return out
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:

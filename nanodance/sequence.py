@@ -54,6 +54,7 @@ class Sequence:
     decoder: object = None  # IncrementalDecoder, set by the engine when it has a tokenizer
     generator: object = None  # torch.Generator for sampling (the request's own when seeded)
     text: str = ""
+    logprobs: list = field(default_factory=list)  # TokenLogprobs per sampled token, when params ask
     _view_starts: list[int] = field(default_factory=list, repr=False)
 
     @property

@@ -37,7 +37,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanodance import LLM, SamplingParams
+from nanodance import LLM, RequestError, SamplingParams
 from tiny_checkpoints import write_tiny_checkpoint
 
 BLOCK = 4  # slots per block in most tests: short prompts span many blocks
@@ -523,3 +523,35 @@ def test_unseeded_sampling_follows_the_engine_seed(llama3):
     a, b = (run(make_llm(folder, seed=77), [prompt], hot)[0].token_ids for _ in range(2))
     assert a == b
 
+
+
+# --- log-probabilities ------------------------------------------------------------------------
+
+def test_logprobs_report_each_sampled_token_and_the_top_k(llama3):
+    """`SamplingParams(logprobs=k)`: per generated token, its log-probability under the model's
+    logits and the k likeliest tokens, most likely first; none are reported unless asked."""
+    folder, _ = llama3
+    seen = []
+
+    def recording_sampler(logits, seqs):
+        seen.append(logits.clone())
+        return logits.argmax(-1).tolist()
+
+    llm = make_llm(folder, sampler=recording_sampler)
+    prompt = list(range(3, 12))
+    asked, plain = run(llm, [prompt, prompt], [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True,
+                                                             logprobs=3), greedy(4)])
+    assert plain.logprobs is None and asked.token_ids == plain.token_ids
+    assert [e.token_id for e in asked.logprobs] == asked.token_ids
+    for step, entry in enumerate(asked.logprobs):
+        expected = torch.log_softmax(seen[step][0].float(), dim=-1)  # row 0: the request that asked
+        assert entry.logprob == pytest.approx(float(expected[entry.token_id]), abs=1e-6)
+        assert [t for t, _ in entry.top] == torch.topk(expected, 3).indices.tolist()
+        assert entry.top[0] == (entry.token_id, pytest.approx(entry.logprob))  # greedy: the likeliest
+        assert all(a[1] >= b[1] for a, b in zip(entry.top, entry.top[1:]))
+
+
+@pytest.mark.parametrize("bad", [-1, 21, 2.5, True])
+def test_logprobs_outside_0_to_20_are_refused(bad):
+    with pytest.raises(RequestError, match="logprobs"):
+        SamplingParams(logprobs=bad)
