@@ -26,7 +26,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -239,10 +239,17 @@ class Engine:
 
     def run(self, seqs: list[Sequence], progress: Progress | None = None,
             on_step: StepCallback | None = None) -> None:
-        """Queue `seqs` (failing alone those that can never fit) and step until all are finished.
+        """Queue `seqs` (failing alone those that can never fit) and step until all are finished."""
+        for ran in self.iterate(seqs, progress):
+            if on_step is not None and (ran.prefilled or ran.finished or self.scheduler.running):
+                on_step([self.output(s) for s in seqs])
 
-        On an exception (or Ctrl-C) every unfinished request is aborted, so nothing half-run
-        keeps blocks, and a step that was scheduled but never ran unpublishes its blocks.
+    def iterate(self, seqs: list[Sequence], progress: Progress | None = None) -> Iterator[StepResult]:
+        """`run`, one step at a time: yields after every engine step until all of `seqs` finished.
+
+        On an exception (or Ctrl-C, or the caller closing the iterator early) every unfinished
+        request is aborted, so nothing half-run keeps blocks, and a step that was scheduled but
+        never ran unpublishes its blocks.
         """
         for seq in seqs:
             if seq.is_finished:  # aborted before it was queued (while the masters were prefilled)
@@ -260,9 +267,8 @@ class Engine:
                 if not self.scheduler.has_work():
                     break
                 ran = self.step()
-                if on_step is not None and (ran.prefilled or ran.finished or self.scheduler.running):
-                    on_step([self.output(s) for s in seqs])
                 progress.update(self.scheduler.counters)
+                yield ran
         finally:
             progress.close()
             self.scheduler.forget_unwritten()

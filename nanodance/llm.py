@@ -23,7 +23,7 @@ whole call and propagates.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Hashable, Iterable, Sequence as Seq
+from typing import Any, Hashable, Iterable, Iterator, Sequence as Seq
 
 from nanodance import prompts as P
 from nanodance.config import ModelConfig
@@ -119,6 +119,35 @@ class LLM:
         with self.engine.serving(seqs):
             self.engine.run(seqs, Progress(seqs, use_tqdm), on_step)
         return [self.engine.output(s) for s in seqs]
+
+    def generate_stream(self, prompts: Any, sampling_params: SamplingParams | Seq[SamplingParams] | None = None
+                        ) -> Iterator[list[RequestOutput]]:
+        """`generate`, streamed: after every engine step, a snapshot of every request's output so far
+        (`finish_reason` None while it runs; text and token ids only grow). The last snapshot is
+        what `generate` returns. Closing the iterator early aborts what is unfinished and frees its
+        blocks; until it is exhausted or closed, the engine serves no other call.
+        """
+        self._check_idle()
+        if P.is_single_prompt(prompts):
+            prompts = [prompts]
+        prompts = P.prompt_list(prompts, "generate_stream()")
+        if any(P.needs_round(p) for p in prompts):
+            raise RequestError("generate_stream() takes plain prompts (text, token ids or chat messages); "
+                               "prompts with Shared parts go to run_round()")
+        params = P.params_per_prompt(sampling_params, len(prompts))
+        ids = [P.encode_prompt(self.tokenizer, self.config.vocab_size, p, i) for i, p in enumerate(prompts)]
+        seqs = [self.engine.make_sequence(x, sp, p) for x, sp, p in zip(ids, params, prompts)]
+        return self._stream(seqs)
+
+    def _stream(self, seqs) -> Iterator[list[RequestOutput]]:
+        # A generator of its own, so that the checks above raise at the call, not at the first next().
+        with self.engine.serving(seqs):
+            streamed = False
+            for _ in self.engine.iterate(seqs):
+                streamed = True
+                yield [self.engine.output(s) for s in seqs]
+            if not streamed:  # every request failed before a step ran: their errors are the news
+                yield [self.engine.output(s) for s in seqs]
 
     def run_round(self, prompts: Seq[Any], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                   agents: Seq[Hashable | None] | None = None, use_tqdm: bool = True,

@@ -37,7 +37,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanodance import LLM, RequestError, SamplingParams
+from nanodance import LLM, RequestError, SamplingParams, Shared
 from tiny_checkpoints import write_tiny_checkpoint
 
 BLOCK = 4  # slots per block in most tests: short prompts span many blocks
@@ -555,3 +555,43 @@ def test_logprobs_report_each_sampled_token_and_the_top_k(llama3):
 def test_logprobs_outside_0_to_20_are_refused(bad):
     with pytest.raises(RequestError, match="logprobs"):
         SamplingParams(logprobs=bad)
+
+
+# --- streaming --------------------------------------------------------------------------------
+
+def test_a_stream_grows_each_output_and_ends_with_what_generate_returns(llama3):
+    folder, _ = llama3
+    llm = make_llm(folder)
+    prompts = [list(range(3, 12)), list(range(40, 45))]
+    params = [greedy(5), greedy(3)]
+    expected = run(llm, prompts, params)
+    snapshots = list(llm.generate_stream(prompts, params))
+    assert len(snapshots) >= 5  # a snapshot per engine step
+    final = snapshots[-1]
+    assert [o.token_ids for o in final] == [o.token_ids for o in expected]
+    assert [o.finish_reason for o in final] == ["length", "length"]
+    for before, after in zip(snapshots, snapshots[1:]):
+        for a, b in zip(before, after):
+            assert b.token_ids[:len(a.token_ids)] == a.token_ids  # outputs only grow
+    assert all(o.finish_reason is None for o in snapshots[0])
+    assert_no_leak(llm)
+
+
+def test_closing_a_stream_early_aborts_what_is_unfinished_and_frees_it(llama3):
+    folder, _ = llama3
+    llm = make_llm(folder)
+    stream = llm.generate_stream([list(range(3, 12))], greedy(20))
+    first = next(stream)
+    assert first[0].finish_reason is None
+    with pytest.raises(RequestError, match="one call at a time"):
+        llm.generate([[1, 2, 3]], greedy(2), use_tqdm=False)  # the stream holds the engine
+    stream.close()
+    assert llm.pool.num_used == 0 and llm.stats()["requests_aborted"] == 1
+    assert run(llm, [[1, 2, 3]], greedy(2))[0].finish_reason == "length"  # usable again
+
+
+def test_a_stream_refuses_shared_parts_at_the_call(llama3):
+    llm = make_llm(llama3[0])
+    with pytest.raises(RequestError, match="run_round"):
+        llm.generate_stream([[[1, 2], Shared([3, 4])]], greedy(2))  # raised at the call, before next()
+    assert llm.engine.call is None

@@ -1,7 +1,7 @@
 """The README's code runs as written (a new user copies it first).
 
 Specification:
-- every ```python block of README.md runs in a fresh namespace, in order, on the default model;
+- every ```python block of README.md (and of docs/usage.md) runs in a fresh namespace, in order, on the default model;
   the usage example's agents answer something in both rounds (an instruct model given plain
   strings answers '' at once, the trap this guards against), round 1 reuses the shared answers,
   and the engine's cumulative `prefill_tokens_reused` counts what the rounds report;
@@ -23,10 +23,11 @@ from fixtures_default_model import default_model_dir  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+USAGE = (ROOT / "docs" / "usage.md").read_text()
 
 
-def code_blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+def code_blocks(language: str, text: str = README) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
 
 def nanodance_commands() -> list[list[str]]:
@@ -57,6 +58,14 @@ def test_every_python_block_runs_as_written(default_model_dir, capsys):
     assert r1.stats["prefill_tokens_reused"] > 0
     assert llm.stats()["prefill_tokens_reused"] >= sum(h["prefill_tokens_reused"] for h in llm.round_history) > 0
     assert capsys.readouterr().out.strip()  # it printed what it computed
+
+
+def test_every_python_block_of_the_usage_guide_runs(default_model_dir, capsys):
+    blocks = code_blocks("python", USAGE)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs/usage.md", "exec"), {"__name__": "__usage__"})  # noqa: S102
+    assert capsys.readouterr().out.strip()
 
 
 @pytest.mark.parametrize("command", nanodance_commands(), ids=lambda c: " ".join(c[1:3]))
