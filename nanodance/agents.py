@@ -62,6 +62,16 @@ class AgentCaches:
     def __contains__(self, agent_id: Hashable) -> bool:
         return agent_id in self._kept
 
+    def kept_prefix(self, agent_id: Hashable | None, token_ids: list[int]) -> int:
+        """How many leading tokens of `token_ids` the agent's kept cache holds (0 for none)."""
+        own = self._kept.get(agent_id) if agent_id is not None else None
+        if own is None:
+            return 0
+        same, limit = 0, min(len(own.token_ids), len(token_ids) - 1)
+        while same < limit and own.token_ids[same] == token_ids[same]:
+            same += 1
+        return same
+
     def take(self, agent_id: Hashable | None, token_ids: list[int]) -> AgentCache | None:
         """The agent's kept cache narrowed to what `token_ids` repeats, or None (nothing reusable).
 
@@ -70,11 +80,8 @@ class AgentCaches:
         """
         if agent_id is None or agent_id not in self._kept:
             return None
+        same = self.kept_prefix(agent_id, token_ids)
         own = self._kept.pop(agent_id)
-        limit = min(len(own.token_ids), len(token_ids) - 1)
-        same = 0
-        while same < limit and own.token_ids[same] == token_ids[same]:
-            same += 1
         if same == 0:
             self.pool.release(own.hand_over())
             return None

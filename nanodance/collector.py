@@ -136,7 +136,7 @@ class Collector:
         self.counters = CollectorCounters()
         self.outputs: dict[int, Master] = {}  # request id -> its output's KV (producer master candidates)
         self.kept: set[int] = set()  # request ids whose outputs stay pinned across rounds (`keep_outputs`)
-        self.round_masters: list[Master] = []  # standalone masters of the round in flight
+        self.round_masters: list[Master] = []  # masters the round holds: standalone, and parts of outputs
         self._masters: dict[tuple, Master] = {}  # segment key -> master, for the round in flight
         self._to_prefill: dict[tuple, int] = {}  # segment key -> sink tokens before it, awaiting prefill
         self._planning = False  # between begin_round and plan_round: no master may be released
@@ -182,8 +182,8 @@ class Collector:
             for span in spans:
                 if span.key in self._masters or span.key in self._to_prefill:
                     continue
-                produced = self.outputs.get(span.source.request_id) if span.source is not None else None
-                if self.cfg.producer_master_for(span.length) and produced is not None and produced.key == span.key:
+                produced = self._producer_master(span) if self.cfg.producer_master_for(span.length) else None
+                if produced is not None:
                     self._masters[span.key] = produced
                     self.counters.producer_masters += 1
                 else:
@@ -191,6 +191,18 @@ class Collector:
                     self._to_prefill[span.key] = 1 if sink else 0
         self.counters.seconds += time.perf_counter() - t0
         return [[bos] * skip + list(key) for key, skip in self._to_prefill.items()]
+
+    def _producer_master(self, span: SharedSpan) -> Master | None:
+        """The pinned K/V of the output `span` came from, or of the part of it the span covers (a
+        span found in a prompt, auto_shared.py, may be part of an output: that part gets its own
+        references and is released with the round's masters)."""
+        whole = self.outputs.get(span.source.request_id) if span.source is not None else None
+        part = whole.part(span.source_offset, span.key) if whole is not None else None
+        if part is not None and part is not whole:
+            for v in part.views:
+                self.pool.ref(v.block)
+            self.round_masters.append(part)
+        return part
 
     def adopt_masters(self, seqs: list[Sequence]) -> None:
         """Take over the prefilled master sequences' views (in `begin_round`'s order), sinks dropped."""

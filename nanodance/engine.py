@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from nanodance.agents import AgentCaches
+from nanodance.auto_shared import OutputIndex
 from nanodance.cache import BlockPool, KVCache, View
 from nanodance.collector import Collector
 from nanodance.config import ModelConfig
@@ -42,6 +43,7 @@ from nanodance.progress import Progress
 from nanodance.runner import ModelRunner, Sampler, default_sampler
 from nanodance.sampling import SamplingParams, TokenLogprobs
 from nanodance.scheduler import Scheduler, StepResult
+from nanodance.segments import SharedSpan
 from nanodance.sequence import Sequence
 
 logger = logging.getLogger("nanodance")
@@ -57,6 +59,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | "error"; None in `on_step` snapshots of running requests
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens served from the prefix cache (first admission)
+    num_reused_tokens: int = 0  # prompt positions whose K/V was not computed (prefix hits, masters, a kept cache)
     num_preemptions: int = 0
     error: str | None = None
     stopped_by_token: bool = False  # the last token is an eos / stop id (not part of a Shared block)
@@ -66,13 +69,17 @@ class RequestOutput:
 
 @dataclass
 class EngineCounters:
-    """How often the engine degraded or refused work instead of failing a whole call."""
+    """How often the engine degraded or refused work instead of failing a whole call, and what
+    automatic shared-span matching found (auto_shared.py)."""
 
     kept_caches_dropped: int = 0  # persistent agents' kept caches released under pool pressure
     outputs_unpinned: int = 0  # pinned round outputs released under pool pressure
     requests_failed: int = 0  # requests finished with "error" (could never fit)
     requests_aborted: int = 0  # requests finished with "abort"
     requests_finished: int = 0  # requests that finished normally ("stop" or "length")
+    auto_shared_spans: int = 0  # spans of earlier outputs found in prompts
+    auto_shared_tokens: int = 0  # prompt tokens they cover
+    auto_shared_seconds: float = 0.0  # time spent searching prompts
 
 
 StepCallback = Callable[[list[RequestOutput]], None]
@@ -121,6 +128,9 @@ class Engine:
                                    layouts=self.layouts)
         self.runner = ModelRunner(model, self.kv_cache, self.pool, self.device, sampler)
         self.agents = AgentCaches(self.pool)
+        # Recent outputs, to find in later prompts (used when cfg.finds_shared; kept either way so
+        # that `auto_shared` can be switched on by reconfigure).
+        self.output_index = OutputIndex(capacity=cfg.auto_shared_outputs) if cfg.uses_collector else None
         self.counters = EngineCounters()
         self.round_history: list[dict] = []
         # Not id(self): an id is reused once an engine is collected, and an output of the dead
@@ -146,6 +156,17 @@ class Engine:
             seq.decoder = self.tokenizer.incremental_decoder()
         return seq
 
+    def find_shared(self, ids: list[int], taken: list[tuple[int, int]] = ()) -> list[SharedSpan]:
+        """Runs of `ids` (outside `taken`) that are recent outputs, as shared spans (auto_shared.py)."""
+        if not self.cfg.finds_shared:
+            return []
+        t0 = time.perf_counter()
+        spans = self.output_index.find_spans(ids, self.cfg.auto_shared_threshold, taken)
+        self.counters.auto_shared_seconds += time.perf_counter() - t0
+        self.counters.auto_shared_spans += len(spans)
+        self.counters.auto_shared_tokens += sum(sp.length for sp in spans)
+        return spans
+
     def capacity_error(self, seq: Sequence) -> str | None:
         """Why `seq` can never run (too long for the model or the pool), or None."""
         n = seq.num_prompt_tokens
@@ -162,6 +183,7 @@ class Engine:
             request_id=seq.seq_id, prompt=seq.prompt, prompt_token_ids=list(seq.prompt_token_ids), text=seq.text,
             token_ids=list(seq.output_token_ids), finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
+            num_reused_tokens=seq.reused_positions,
             num_preemptions=seq.num_preemptions, error=seq.error, stopped_by_token=seq.stopped_by_token,
             engine_id=self.engine_id,
             logprobs=list(seq.logprobs[:len(seq.output_token_ids)]) if seq.params.logprobs is not None else None)
@@ -231,6 +253,8 @@ class Engine:
                     self.collector.pin_output(seq)
                 if seq.agent_id is not None:
                     self.agents.keep(seq)
+                if self.output_index is not None and seq.output_token_ids:
+                    self.output_index.add(self.output(seq))
                 self.counters.requests_finished += 1
             self.scheduler.release(seq)
         return result
@@ -240,9 +264,18 @@ class Engine:
     def run(self, seqs: list[Sequence], progress: Progress | None = None,
             on_step: StepCallback | None = None) -> None:
         """Queue `seqs` (failing alone those that can never fit) and step until all are finished."""
+        if on_step is None:
+            for _ in self.iterate(seqs, progress):
+                pass
+        else:
+            for snapshot in self.snapshots(seqs, progress):
+                on_step(snapshot)
+
+    def snapshots(self, seqs: list[Sequence], progress: Progress | None = None) -> Iterator[list[RequestOutput]]:
+        """`iterate`, as the outputs of `seqs` after every step that prefilled, finished or ran something."""
         for ran in self.iterate(seqs, progress):
-            if on_step is not None and (ran.prefilled or ran.finished or self.scheduler.running):
-                on_step([self.output(s) for s in seqs])
+            if ran.prefilled or ran.finished or self.scheduler.running:
+                yield [self.output(s) for s in seqs]
 
     def iterate(self, seqs: list[Sequence], progress: Progress | None = None) -> Iterator[StepResult]:
         """`run`, one step at a time: yields after every engine step until all of `seqs` finished.
@@ -250,23 +283,27 @@ class Engine:
         On an exception (or Ctrl-C, or the caller closing the iterator early) every unfinished
         request is aborted, so nothing half-run keeps blocks, and a step that was scheduled but
         never ran unpublishes its blocks.
+
+        Samples 2..n of a prompt (`sample_of`) wait until the first's prompt is prefilled: they
+        then find its full blocks in the prefix cache instead of computing them again.
         """
-        for seq in seqs:
-            if seq.is_finished:  # aborted before it was queued (while the masters were prefilled)
-                continue
-            problem = self.capacity_error(seq)
-            if problem is not None:
-                self._fail(seq, problem)
-            else:
-                self.scheduler.add(seq)
+        held = [seq for seq in seqs if seq.sample_of is not None]
+        self._queue([seq for seq in seqs if seq.sample_of is None])
         progress = progress or Progress(seqs, enabled=False)
         progress.begin(self.scheduler.counters)
+        prefilled: set[int] = set()
         try:
             while True:
                 self._apply_aborts()
+                ready = [s for s in held if s.sample_of.seq_id in prefilled or s.sample_of.is_finished
+                         or not self.scheduler.has_work()]
+                if ready:
+                    held = [s for s in held if s not in ready]
+                    self._queue(ready)
                 if not self.scheduler.has_work():
                     break
                 ran = self.step()
+                prefilled.update(s.seq_id for s in ran.prefilled)
                 progress.update(self.scheduler.counters)
                 yield ran
         finally:
@@ -276,6 +313,17 @@ class Engine:
                 if not seq.is_finished:
                     self.scheduler.abort(seq)
                     self.counters.requests_aborted += not seq.prefill_only
+
+    def _queue(self, seqs: list[Sequence]) -> None:
+        """Add to the scheduler; fail alone a request that can never fit."""
+        for seq in seqs:
+            if seq.is_finished:  # aborted before it was queued (while the masters were prefilled)
+                continue
+            problem = self.capacity_error(seq)
+            if problem is not None:
+                self._fail(seq, problem)
+            else:
+                self.scheduler.add(seq)
 
     def prefill_masters(self, id_lists: list[list[int]]) -> list[Sequence]:
         """Prefill standalone masters (no sampling) in one batch; their views stay referenced."""

@@ -47,6 +47,9 @@ class EngineConfig:
     master_sink: bool = True  # prefill standalone masters behind a bos sink token
     check_layer: int = 1  # layer whose key deviation picks the recomputed blocks
     selection: str = "collective"  # "collective" (once per block) | "per_agent" (pic always is)
+    auto_shared: bool = True  # pic/tokendance: find recent outputs in prompts and share them (auto_shared.py)
+    auto_shared_min_tokens: int | None = None  # shortest run shared automatically; None: block_size
+    auto_shared_outputs: int = 256  # recent outputs indexed for auto_shared
 
     def __post_init__(self) -> None:
         self.validate()
@@ -54,7 +57,7 @@ class EngineConfig:
     def validate(self) -> None:
         """Raise RequestError naming the first bad option; nothing has been built yet."""
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_blocks", "kv_cache_memory",
-                     "max_model_len", "auto_standalone_tokens"):
+                     "max_model_len", "auto_standalone_tokens", "auto_shared_min_tokens", "auto_shared_outputs"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise RequestError(f"{name} must be a positive int, got {value!r}")
@@ -67,6 +70,8 @@ class EngineConfig:
             raise RequestError(f"recompute_ratio must be in [0, 1], got {ratio!r}")
         if isinstance(self.check_layer, bool) or not isinstance(self.check_layer, int) or self.check_layer < 0:
             raise RequestError(f"check_layer must be a non-negative int, got {self.check_layer!r}")
+        if not isinstance(self.auto_shared, bool):
+            raise RequestError(f"auto_shared must be True or False, got {self.auto_shared!r}")
         if not isinstance(self.seed, int):
             raise RequestError(f"seed must be an int, got {self.seed!r}")
         self.torch_dtype()  # raises for an unknown dtype
@@ -98,6 +103,15 @@ class EngineConfig:
     def uses_collector(self) -> bool:
         """Modes that reuse shared blocks at new positions (the others never call the collector)."""
         return self.reuse in ("pic", "tokendance")
+
+    @property
+    def finds_shared(self) -> bool:
+        """Prompts are searched for recent outputs (auto_shared.py), which then count as `Shared`."""
+        return self.uses_collector and self.auto_shared
+
+    @property
+    def auto_shared_threshold(self) -> int:
+        return self.auto_shared_min_tokens or self.block_size
 
     @property
     def pins_outputs(self) -> bool:

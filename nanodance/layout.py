@@ -73,13 +73,15 @@ def plan_agent(n: int, spans: list[SharedSpan], masters: dict[tuple, Master],
     cursor = len(own.token_ids) if own is not None else 0
     if cursor:
         runs.append(Run(0, cursor, "compute"))
-    spans = [s for s in spans if s.start >= cursor]
-
     def private(a, b):
         if a < b:
             runs.append(Run(a, b, "compute"))
 
-    for i, span in enumerate(spans):
+    laid_out = []
+    for i, span in enumerate(spans):  # i indexes `offsets`: skipped spans keep their numbers
+        if span.start < cursor:
+            continue  # inside the kept cache
+        laid_out.append(span)
         private(cursor, span.start)
         master = masters[span.key]
         chosen = set(offsets.get(i, []))
@@ -101,7 +103,7 @@ def plan_agent(n: int, spans: list[SharedSpan], masters: dict[tuple, Master],
                 o = e
         cursor = span.end
     private(cursor, n)
-    prefix_len = spans[0].start if spans else n
+    prefix_len = laid_out[0].start if laid_out else n
     if own is not None:
         prefix_len = min(prefix_len, own.exact_prefix_len)
     return AgentPlan(runs, sorted(set(recompute)), prefix_len, own)

@@ -26,16 +26,18 @@ from pathlib import Path
 from typing import Any, Hashable, Iterable, Iterator, Sequence as Seq
 
 from nanodance import prompts as P
+from nanodance.prompts import PreparedCall
 from nanodance.config import ModelConfig
 from nanodance.engine import Engine, RequestOutput, StepCallback
 from nanodance.engine_config import EngineConfig
 from nanodance.errors import ModelLoadError, RequestError
 from nanodance.model import CausalLM
 from nanodance.progress import Progress
-from nanodance.round_runner import run_round
+from nanodance.round_runner import iterate_round, run_round
 from nanodance.round_stats import RoundOutputs
 from nanodance.runner import Sampler, default_sampler
 from nanodance.sampling import SamplingParams
+from nanodance.segments import EncodedPrompt
 
 
 class LLM:
@@ -101,24 +103,15 @@ class LLM:
 
     def generate(self, prompts: Any, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True, on_step: StepCallback | None = None) -> list[RequestOutput]:
-        """Complete every prompt; outputs come back in submission order.
+        """Complete every prompt; outputs come back in submission order (with `n` > 1, a prompt's
+        n samples are consecutive outputs).
 
         A prompt is a string (tokenized as is: no chat template), token ids, or chat messages
         (the model's chat template, generation prompt added). A segment list with `Shared`
-        parts makes the call a round of its own (`run_round`).
+        parts makes the call a round of its own (`run_round`); so do recent outputs of this
+        engine found in the prompts, under `auto_shared` (the outputs then carry `.stats`).
         """
-        self._check_idle()
-        if P.is_single_prompt(prompts):
-            prompts = [prompts]
-        prompts = P.prompt_list(prompts, "generate()")
-        if any(P.needs_round(p) for p in prompts):
-            return self.run_round(prompts, sampling_params, use_tqdm=use_tqdm, on_step=on_step)
-        params = P.params_per_prompt(sampling_params, len(prompts))
-        ids = [P.encode_prompt(self.tokenizer, self.config.vocab_size, p, i) for i, p in enumerate(prompts)]
-        seqs = [self.engine.make_sequence(x, sp, p) for x, sp, p in zip(ids, params, prompts)]
-        with self.engine.serving(seqs):
-            self.engine.run(seqs, Progress(seqs, use_tqdm), on_step)
-        return [self.engine.output(s) for s in seqs]
+        return self._run(self._encode(prompts, sampling_params, None, "generate()"), use_tqdm, on_step)
 
     def generate_stream(self, prompts: Any, sampling_params: SamplingParams | Seq[SamplingParams] | None = None
                         ) -> Iterator[list[RequestOutput]]:
@@ -127,27 +120,7 @@ class LLM:
         what `generate` returns. Closing the iterator early aborts what is unfinished and frees its
         blocks; until it is exhausted or closed, the engine serves no other call.
         """
-        self._check_idle()
-        if P.is_single_prompt(prompts):
-            prompts = [prompts]
-        prompts = P.prompt_list(prompts, "generate_stream()")
-        if any(P.needs_round(p) for p in prompts):
-            raise RequestError("generate_stream() takes plain prompts (text, token ids or chat messages); "
-                               "prompts with Shared parts go to run_round()")
-        params = P.params_per_prompt(sampling_params, len(prompts))
-        ids = [P.encode_prompt(self.tokenizer, self.config.vocab_size, p, i) for i, p in enumerate(prompts)]
-        seqs = [self.engine.make_sequence(x, sp, p) for x, sp, p in zip(ids, params, prompts)]
-        return self._stream(seqs)
-
-    def _stream(self, seqs) -> Iterator[list[RequestOutput]]:
-        # A generator of its own, so that the checks above raise at the call, not at the first next().
-        with self.engine.serving(seqs):
-            streamed = False
-            for _ in self.engine.iterate(seqs):
-                streamed = True
-                yield [self.engine.output(s) for s in seqs]
-            if not streamed:  # every request failed before a step ran: their errors are the news
-                yield [self.engine.output(s) for s in seqs]
+        return self._stream(self._encode(prompts, sampling_params, None, "generate_stream()"))
 
     def run_round(self, prompts: Seq[Any], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                   agents: Seq[Hashable | None] | None = None, use_tqdm: bool = True,
@@ -160,13 +133,81 @@ class LLM:
         prompt as far as that prompt repeats the tokens it has seen. An aborted agent keeps no
         cache and pins no output; the masters the others read stay.
         """
+        return self._run(self._encode(prompts, sampling_params, agents, "a round", as_round=True), use_tqdm,
+                         on_step)
+
+    # ------------------------------------------------------------------ one call, in three parts
+
+    def _encode(self, prompts: Any, sampling_params, agents, what: str, as_round: bool = False) -> PreparedCall:
+        """Validate and encode a whole call before anything is queued (a bad call loses nothing)."""
         self._check_idle()
-        prompts = P.prompt_list(prompts, "a round")
+        if not as_round and P.is_single_prompt(prompts):
+            prompts = [prompts]
+        prompts = P.prompt_list(prompts, what)
         params = P.params_per_prompt(sampling_params, len(prompts))
         agent_ids = P.check_agents(agents, len(prompts))
-        encoded = [P.encode_round_prompt(self.tokenizer, self.config.vocab_size, self.engine.engine_id, p, i)
-                   for i, p in enumerate(prompts)]
-        return run_round(self.engine, encoded, params, agent_ids, prompts, use_tqdm, on_step)
+        encoded = [self.encode_round_prompt(p, i) for i, p in enumerate(prompts)]
+        return self.prepare_call(encoded, params, agent_ids, prompts, as_round)
+
+    def encode_round_prompt(self, prompt: Any, index: int = 0) -> EncodedPrompt:
+        """Token ids and explicit `Shared` spans of one prompt; RequestError if invalid. Touches
+        no engine state: safe from any thread (the server encodes requests as they arrive)."""
+        return P.encode_round_prompt(self.tokenizer, self.config.vocab_size, self.engine.engine_id, prompt, index)
+
+    def prepare_call(self, encoded: list[EncodedPrompt], params: list[SamplingParams], agent_ids: list,
+                     prompts: list, as_round: bool = False) -> PreparedCall:
+        """Add the shared spans found in the prompts (auto_shared) and one request per sample.
+        Reads the engine's recent outputs: call it where calls run (the engine's thread)."""
+        for e, agent in zip(encoded, agent_ids):
+            # A persistent agent's kept cache serves its leading tokens: nothing to find there.
+            kept = self.agents.kept_prefix(agent, e.token_ids)
+            found = self.engine.find_shared(e.token_ids, [(0, kept)] + [(sp.start, sp.end) for sp in e.spans])
+            e.spans = sorted(e.spans + found, key=lambda sp: sp.start)
+        return P.expand_samples(PreparedCall(encoded, params, agent_ids, prompts,
+                                             as_round or any(e.spans for e in encoded)))
+
+    def _run(self, call: PreparedCall, use_tqdm: bool, on_step: StepCallback | None) -> list[RequestOutput]:
+        if call.as_round:
+            return run_round(self.engine, call.encoded, call.params, call.agents, call.prompts, use_tqdm, on_step,
+                             call.sample_of)
+        seqs = self._sequences(call)
+        with self.engine.serving(seqs):
+            self.engine.run(seqs, Progress(seqs, use_tqdm), on_step)
+        return [self.engine.output(s) for s in seqs]
+
+    def stream_call(self, call: PreparedCall) -> Iterator[list[RequestOutput]]:
+        """Run a prepared call, yielding a snapshot of its outputs after every step (the last one final)."""
+        return self._stream(call)
+
+    def _stream(self, call: PreparedCall) -> Iterator[list[RequestOutput]]:
+        # A generator of its own, so that _encode's checks raise at the call, not at the first next().
+        snapshot = None
+        if call.as_round:
+            steps = iterate_round(self.engine, call.encoded, call.params, call.agents, call.prompts, False,
+                                  call.sample_of)
+            try:
+                while True:
+                    snapshot = next(steps)
+                    yield snapshot
+            except StopIteration as done:
+                final = list(done.value)
+            finally:
+                steps.close()
+        else:
+            seqs = self._sequences(call)
+            with self.engine.serving(seqs):
+                for snapshot in self.engine.snapshots(seqs):
+                    yield snapshot
+            final = [self.engine.output(s) for s in seqs]
+        if final != snapshot:  # no step ran (every request failed first), or aborts after the last one
+            yield final
+
+    def _sequences(self, call: PreparedCall) -> list:
+        seqs = [self.engine.make_sequence(e.token_ids, sp, p) for e, sp, p in zip(call.encoded, call.params,
+                                                                                  call.prompts)]
+        for seq, first in zip(seqs, call.sample_of):
+            seq.sample_of = seqs[first] if first is not None else None
+        return seqs
 
     def encode_prompt(self, prompt: Any, index: int = 0) -> list[int]:
         """Token ids of one prompt (string, token ids or chat messages); RequestError if invalid."""

@@ -67,6 +67,18 @@ class Master:
         views = [c for c in (v.clip(start, end) for v in seq.views) if c is not None]
         return cls(key, views, "producer") if views else None
 
+    def part(self, offset: int, key: tuple[int, ...]) -> "Master | None":
+        """The master of the segment `key` that starts `offset` tokens into this one, or None if
+        the ids differ there or none of them has K/V. The whole segment is `self`; a part holds no
+        reference of its own: the caller refs the views it keeps."""
+        if tuple(self.key[offset:offset + len(key)]) != tuple(key):
+            return None
+        if offset == 0 and len(key) == len(self.key):
+            return self
+        views = [c for c in (v.clip(self.start + offset, self.start + offset + len(key)) for v in self.views)
+                 if c is not None]
+        return Master(tuple(key), views, self.source) if views else None
+
     def trim(self, skip: int) -> list[View]:
         """Narrow a standalone master's views to its segment: drop `skip` leading (sink) tokens.
 

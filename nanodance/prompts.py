@@ -11,12 +11,42 @@ naming the prompt's index, so a bad call loses nothing.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Hashable
 
 from nanodance.errors import RequestError
 from nanodance.sampling import SamplingParams
 from nanodance.segments import EncodedPrompt, encode_segments, is_chat, is_plain_prompt, is_segment_prompt, \
     is_token_ids
+
+
+@dataclass
+class PreparedCall:
+    """A validated, encoded call: one entry per request (a prompt's n samples are n requests)."""
+
+    encoded: list[EncodedPrompt]
+    params: list[SamplingParams]
+    agents: list[Hashable | None]
+    prompts: list[Any]
+    as_round: bool  # explicit or found shared spans (or run_round): the collector plans it
+    sample_of: list[int | None] = field(default_factory=list)  # request j > 0 of n: index of the first
+
+
+def expand_samples(call: PreparedCall) -> PreparedCall:
+    """One request per sample: a prompt with `n` > 1 becomes n consecutive requests."""
+    out = PreparedCall([], [], [], [], call.as_round)
+    for i, (enc, params, agent, prompt) in enumerate(zip(call.encoded, call.params, call.agents, call.prompts)):
+        if params.n > 1 and agent is not None:
+            raise RequestError(f"prompt {i}: n={params.n} samples cannot all be persistent agent {agent!r}; "
+                               f"use n=1 for a persistent agent")
+        first = len(out.encoded)
+        for j in range(params.n):
+            out.encoded.append(enc if j == 0 else EncodedPrompt(enc.token_ids, list(enc.spans), enc.outputs))
+            out.params.append(params.for_sample(j))
+            out.agents.append(agent)
+            out.prompts.append(prompt)
+            out.sample_of.append(first if j else None)
+    return out
 
 
 def prompt_list(prompts: Any, what: str) -> list:
@@ -73,11 +103,6 @@ def check_agents(agents, n: int) -> list[Hashable | None]:
 def is_single_prompt(prompts: Any) -> bool:
     """`generate("Hi")`, `generate([1, 2])`, `generate([{"role": ...}])`: one prompt, not a list of them."""
     return isinstance(prompts, str) or is_token_ids(prompts) or is_chat(prompts)
-
-
-def needs_round(prompt: Any) -> bool:
-    """A prompt with segments (or an unknown shape, which the round encoder names precisely)."""
-    return is_segment_prompt(prompt) or not is_plain_prompt(prompt)
 
 
 def encode_prompt(tokenizer, vocab_size: int, prompt: Any, index: int = 0) -> list[int]:

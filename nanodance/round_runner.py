@@ -1,6 +1,11 @@
 """One synchronized round on the engine: masters, plans, the step loop, then the accounting.
 
     run_round(engine, encoded, params, agent_ids, prompts, use_tqdm, on_step) -> RoundOutputs
+    iterate_round(engine, encoded, params, agent_ids, prompts, use_tqdm)
+        -> generator: a snapshot (list[RequestOutput]) after every step that ran; returns RoundOutputs
+
+Closing `iterate_round` early aborts the unfinished agents and ends the round as a failure would
+(the previous round's outputs stay pinned for a retry).
 
 Data flows one way (docs/design.md, "The flow of one round"): the prompts' shared spans go to the
 collector, which returns the masters to prefill; the engine prefills them with its own step
@@ -14,10 +19,10 @@ accounting.
 from __future__ import annotations
 
 import time
-from typing import Any, Hashable
+from typing import Any, Generator, Hashable
 
 from nanodance.cache import BlockPool
-from nanodance.engine import Engine, Prefilled, StepCallback
+from nanodance.engine import Engine, Prefilled, RequestOutput, StepCallback
 from nanodance.layout import AgentPlan, plan_agent
 from nanodance.progress import Progress
 from nanodance.round_stats import RoundOutputs, round_stats
@@ -28,7 +33,22 @@ from nanodance.sequence import Sequence
 
 def run_round(engine: Engine, encoded: list[EncodedPrompt], params: list[SamplingParams],
               agent_ids: list[Hashable | None], prompts: list[Any], use_tqdm: bool = True,
-              on_step: StepCallback | None = None) -> RoundOutputs:
+              on_step: StepCallback | None = None, sample_of: list[int | None] | None = None) -> RoundOutputs:
+    steps = iterate_round(engine, encoded, params, agent_ids, prompts, use_tqdm, sample_of)
+    try:
+        while True:
+            snapshot = next(steps)
+            if on_step is not None:
+                on_step(snapshot)
+    except StopIteration as done:
+        return done.value
+    finally:
+        steps.close()  # after an exception in on_step: abort the round's unfinished agents
+
+
+def iterate_round(engine: Engine, encoded: list[EncodedPrompt], params: list[SamplingParams],
+                  agent_ids: list[Hashable | None], prompts: list[Any], use_tqdm: bool = True,
+                  sample_of: list[int | None] | None = None) -> Generator[list[RequestOutput], None, RoundOutputs]:
     t0 = time.perf_counter()
     collector = engine.collector
     counters_before = _work_counters(engine)
@@ -37,6 +57,8 @@ def run_round(engine: Engine, encoded: list[EncodedPrompt], params: list[Samplin
         seq.agent_id = agent
         # Its output may be a producer master next round; standalone masters never read it.
         seq.pin_output = engine.cfg.pins_outputs
+    for seq, first in zip(seqs, sample_of or []):
+        seq.sample_of = seqs[first] if first is not None else None
     valid = [i for i, seq in enumerate(seqs) if engine.capacity_error(seq) is None]
     plans: dict[int, AgentPlan] = {}
     master_blocks: set = set()
@@ -55,7 +77,7 @@ def run_round(engine: Engine, encoded: list[EncodedPrompt], params: list[Samplin
                          for i, own in zip(valid, owns) if own is not None}
             engine.layouts.plans = plans
             master_blocks = engine.layouts.master_blocks()
-            engine.run(seqs, Progress(seqs, use_tqdm, desc="round"), on_step)
+            yield from engine.snapshots(seqs, Progress(seqs, use_tqdm, desc="round"))
             succeeded = True
         finally:
             t_end = time.perf_counter()

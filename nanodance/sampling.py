@@ -10,13 +10,14 @@ same tokens whatever else is in the batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from nanodance.errors import RequestError
 
 MAX_LOGPROBS = 20  # as OpenAI's API: top_logprobs <= 20
+MAX_N = 128  # as OpenAI's API
 
 
 @dataclass
@@ -32,6 +33,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # stop on these ids too (kept in token_ids)
     ignore_eos: bool = False  # keep going past the model's end-of-sequence tokens
     logprobs: int | None = None  # report each sampled token's log-probability and the top-k (k <= 20)
+    n: int = 1  # samples of the prompt (consecutive outputs; the copies read the first's prompt blocks)
 
     def __post_init__(self):
         self.validate()
@@ -65,6 +67,8 @@ class SamplingParams:
         bad_ids = [t for t in self.stop_token_ids if not isinstance(t, int) or isinstance(t, bool) or t < 0]
         if bad_ids:
             raise RequestError(f"stop_token_ids must be non-negative ints, got {bad_ids!r}")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
+            raise RequestError(f"n must be an int in [1, {MAX_N}], got {self.n!r}")
         k = self.logprobs
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
             raise RequestError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {k!r}")
@@ -72,6 +76,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def for_sample(self, j: int) -> "SamplingParams":
+        """The params of sample `j` of `n`: one sample each; a seeded request's samples draw from
+        seeds `seed`, `seed + 1`, ... (the same seed would draw the same tokens n times)."""
+        if self.n == 1:
+            return self
+        return replace(self, n=1, seed=None if self.seed is None else self.seed + j)
 
 
 @dataclass

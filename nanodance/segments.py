@@ -71,6 +71,7 @@ class SharedSpan:
     end: int  # one past its last position
     key: tuple[int, ...]  # the block's token ids: its identity (hash and equality)
     source: Any = None  # the RequestOutput it came from, if any (a producer-master candidate)
+    source_offset: int = 0  # where the block starts in that output (a found span may be part of it)
 
     @property
     def length(self) -> int:

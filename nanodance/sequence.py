@@ -51,6 +51,7 @@ class Sequence:
     agent_id: object = None  # a persistent agent's id: its cache is kept when it finishes
     pin_output: bool = False  # a round request: keep its output's K/V as a producer master candidate
     prefill_only: bool = False  # a master: compute the prompt's K/V, sample nothing, keep the views
+    sample_of: "Sequence | None" = None  # sample j > 0 of n: queued once that one's prompt is prefilled
     decoder: object = None  # IncrementalDecoder, set by the engine when it has a tokenizer
     generator: object = None  # torch.Generator for sampling (the request's own when seeded)
     text: str = ""

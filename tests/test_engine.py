@@ -590,8 +590,25 @@ def test_closing_a_stream_early_aborts_what_is_unfinished_and_frees_it(llama3):
     assert run(llm, [[1, 2, 3]], greedy(2))[0].finish_reason == "length"  # usable again
 
 
-def test_a_stream_refuses_shared_parts_at_the_call(llama3):
+def test_a_stream_of_a_round_ends_with_what_run_round_returns(llama3):
     llm = make_llm(llama3[0])
-    with pytest.raises(RequestError, match="run_round"):
-        llm.generate_stream([[[1, 2], Shared([3, 4])]], greedy(2))  # raised at the call, before next()
-    assert llm.engine.call is None
+    prompts = [[[1, 2], Shared(list(range(20, 36))), [5]], [[7], Shared(list(range(20, 36))), [8, 9]]]
+    expected = llm.run_round(prompts, greedy(4), use_tqdm=False)
+    llm.release_round_outputs()
+    snapshots = list(llm.generate_stream(prompts, greedy(4)))
+    assert [o.token_ids for o in snapshots[-1]] == [o.token_ids for o in expected]
+    assert all(o.finish_reason is None for o in snapshots[0])
+    llm.release_round_outputs()
+    assert_no_leak(llm)
+
+
+def test_closing_a_round_stream_early_aborts_it_and_frees_its_blocks(llama3):
+    llm = make_llm(llama3[0])
+    stream = llm.generate_stream([[[1, 2], Shared(list(range(20, 36)))], [[7], Shared(list(range(20, 36)))]],
+                                 greedy(20))
+    assert next(stream)[0].finish_reason is None
+    stream.close()
+    assert llm.engine.call is None and llm.stats()["requests_aborted"] == 2
+    llm.check_invariants()
+    llm.release_round_outputs()
+    assert llm.pool.num_used == 0

@@ -1,7 +1,8 @@
-"""The command line (`python -m nanodance prepare [--force] | generate "..."`), outside the core engine.
+"""The command line (`python -m nanodance prepare [--force] | generate "..." | serve`), outside the core engine.
 
 Owns argument parsing and how failures are shown: `prepare` calls nanodance.tools.prepare,
-`generate` checks the sampling options, then builds an `LLM` and prints one completion. Every
+`generate` checks the sampling options, then builds an `LLM` and prints one completion, `serve`
+runs the OpenAI-compatible server (server.py) with uvicorn. Every
 `NanodanceError`, every bad argument and a prompt the model cannot take (an output with
 finish_reason "error") print one line, `error: <message>`, to stderr and exit with status 1.
 """
@@ -61,6 +62,27 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--kv-cache-blocks", type=int, default=None,
                           help="KV cache size in blocks; default: sized from a memory budget")
     generate.set_defaults(run=_generate)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI API (chat and completions) over HTTP")
+    serve.add_argument("--model", default=None, help="Hugging Face folder; default: the bundled SmolLM2-135M-Instruct")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients send; default: the folder name")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--reuse", default=None, choices=("none", "prefix", "pic", "tokendance"),
+                       help="KV reuse mode; default: tokendance")
+    serve.add_argument("--recompute-ratio", type=float, default=None)
+    serve.add_argument("--master", default=None, choices=("producer", "standalone", "auto"))
+    serve.add_argument("--no-auto-shared", dest="auto_shared", action="store_false",
+                       help="do not look for earlier outputs in prompts (only explicitly marked spans are shared)")
+    serve.add_argument("--admission-window-ms", type=float, default=20.0,
+                       help="how long the first waiting request waits for others to form a round (default 20)")
+    serve.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 503s (default 1024)")
+    serve.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--kv-cache-blocks", type=int, default=None)
+    serve.add_argument("--max-num-seqs", type=int, default=None)
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve.set_defaults(run=_serve)
     return parser
 
 
@@ -87,6 +109,34 @@ def _generate(args) -> int:
     if output.finish_reason == "error":
         return _fail(output.error or "the request failed")
     print(output.text)
+    return 0
+
+
+def _serve(args) -> int:
+    try:
+        import uvicorn
+        from nanodance.server import build_app
+    except ImportError as exc:
+        return _fail(f"the server needs the [serve] extra ({exc.name} is missing): pip install 'nanodance[serve]'")
+    from pathlib import Path
+
+    from nanodance import LLM
+    from nanodance.serving import ServingEngine
+
+    if not 0 < args.port < 65536:
+        return _fail(f"--port must be in 1..65535, got {args.port}")
+    if args.admission_window_ms < 0 or args.max_waiting < 1:
+        return _fail("--admission-window-ms must be >= 0 and --max-waiting >= 1")
+    options = {"dtype": args.dtype, "max_model_len": args.max_model_len, "kv_cache_blocks": args.kv_cache_blocks,
+               "max_num_seqs": args.max_num_seqs, "reuse": args.reuse, "recompute_ratio": args.recompute_ratio,
+               "master": args.master, "auto_shared": args.auto_shared}
+    from nanodance.engine_config import EngineConfig
+    EngineConfig().with_options(**{k: v for k, v in options.items() if v is not None})  # bad options: before loading
+    llm = LLM(args.model, **{k: v for k, v in options.items() if v is not None})
+    name = args.served_model_name or Path(llm.model_path).name
+    serving = ServingEngine(llm, admission_window=args.admission_window_ms / 1000, max_waiting=args.max_waiting)
+    print(f"nanodance: serving {name!r} (reuse={llm.reuse}) at http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(build_app(serving, name), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
