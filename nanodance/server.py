@@ -510,3 +510,44 @@ class _EngineStats:
         for key, value in values.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 yield GaugeMetricFamily(f"nanodance_{key}", f"nanodance stats()['{key}']", value=value)
+
+
+class BackgroundServer:
+    """The app served by uvicorn on a thread of this process (tests, examples, notebooks).
+
+        with BackgroundServer(ServingEngine(llm), "my-model") as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    """
+
+    def __init__(self, serving: ServingEngine, model_name: str, host: str = "127.0.0.1", port: int = 0,
+                 start_timeout: float = 30.0):
+        import socket
+        import threading
+
+        import uvicorn
+
+        if port == 0:  # a free port, chosen now so that the URL is known before the server starts
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.serving, self.url = serving, f"http://{host}:{port}"
+        config = uvicorn.Config(build_app(serving, model_name), host=host, port=port, log_level="warning")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="nanodance-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + start_timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {host}:{port}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop serving (the app's shutdown stops the engine thread too)."""
+        self._server.should_exit = True
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -9,10 +9,10 @@ The OpenAI server (server.py) puts every HTTP request here; tests and scripts ma
     serving.shutdown()
 
 Rounds without a round call: the engine thread takes the first waiting request, waits
-`admission_window` seconds for others, and runs all of them as one batch: one `LLM` call, a
-round when the collector is on (`reuse="pic"`/`"tokendance"`), so requests that arrive together
-share one master and one recompute choice per shared span, found in their prompts by
-auto_shared.py. Within a batch the scheduler batches continuously (requests of different
+`admission_window` seconds for others, and runs all of them as one batch: one round
+(`run_round`, its accounting in `llm.round_history` whatever the reuse mode), so under
+`reuse="pic"`/`"tokendance"` requests that arrive together share one master and one recompute
+choice per shared span, found in their prompts by auto_shared.py. Within a batch the scheduler batches continuously (requests of different
 lengths join and leave the running batch step by step); a request that arrives while a batch
 runs waits for the next one, which starts as soon as the current one ends. Each batch's outputs
 stay pinned for `keep_batches` batches (not only the next one), so a late request of a round
@@ -189,7 +189,7 @@ class ServingEngine:
             at += t.params.n
         try:
             call = llm.prepare_call([t.encoded for t in batch], [t.params for t in batch], [t.agent for t in batch],
-                                    [t.prompt for t in batch], as_round=llm.collector is not None)
+                                    [t.prompt for t in batch], as_round=True)
             final: list[RequestOutput] = []
             for snapshot in llm.stream_call(call):
                 final = snapshot

@@ -20,28 +20,20 @@ Specification:
 """
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from nanodance import LLM, SamplingParams
 from nanodance.errors import CapacityError
-from nanodance.server import build_app
+from nanodance.server import BackgroundServer
 from nanodance.serving import ServingEngine
 from fixtures_default_model import default_model_dir  # noqa: F401
 
 MODEL = "SmolLM2-135M-Instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +45,9 @@ def llm(default_model_dir):
 def server(llm):
     """(base_url, serving) of a live server in a thread; stopped after the module."""
     serving = ServingEngine(llm, admission_window=0.05)
-    port = free_port()
-    config = uvicorn.Config(build_app(serving, MODEL), host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", serving
-    srv.should_exit = True
-    thread.join(10)
+    background = BackgroundServer(serving, MODEL)
+    yield background.url, serving
+    background.stop()
     assert not serving.running  # the app's shutdown stopped the engine thread
 
 
