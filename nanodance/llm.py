@@ -65,6 +65,9 @@ class LLM:
     master_sink=True         prefill standalone masters behind a bos sink token (dropped after)
     check_layer=1            the layer whose key deviation ranks the blocks to recompute
     selection="collective"   score each shared block once per round, or "per_agent" (pic always is)
+    auto_shared=True         pic/tokendance: find recent outputs in prompts and share them unmarked
+    auto_shared_min_tokens=None   shortest run shared automatically (None: block_size)
+    auto_shared_outputs=256  recent outputs kept indexed for auto_shared
 
     Seams for experiments: `model` may be an already-loaded `CausalLM` (pass `tokenizer` too,
     or None for token-id prompts only); `sampler(logits, seqs) -> tokens` replaces the sampler;
@@ -252,10 +255,12 @@ class LLM:
         """Change reuse options between calls (e.g. a recompute-ratio sweep on one engine).
 
         Only what the collector reads may change (`recompute_ratio`, `recompute_scheme`,
-        `check_layer`, `selection`, `master_sink`, and `reuse` between "pic" and "tokendance").
+        `check_layer`, `selection`, `master_sink`, `auto_shared`, `auto_shared_min_tokens`, and
+        `reuse` between "pic" and "tokendance").
         """
         self._check_idle()
-        allowed = {"recompute_ratio", "recompute_scheme", "check_layer", "selection", "master_sink", "reuse"}
+        allowed = {"recompute_ratio", "recompute_scheme", "check_layer", "selection", "master_sink", "reuse",
+                   "auto_shared", "auto_shared_min_tokens"}
         fixed = sorted(set(options) - allowed)
         if fixed:
             raise RequestError(f"{fixed} cannot change after construction; only {sorted(allowed)} can")

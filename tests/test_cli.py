@@ -111,3 +111,52 @@ def test_a_too_long_prompt_is_one_line_from_the_module_too(default_model_dir):
                        text=True, timeout=300)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.splitlines() == [r.stderr.strip()] and r.stderr.startswith("error: prompt has"), r.stderr
+
+
+# --- serve ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, words", [
+    (["serve", "--recompute-ratio", "2"], ["recompute_ratio"]),
+    (["serve", "--port", "70000"], ["--port"]),
+    (["serve", "--reuse", "sometimes"], ["--reuse", "sometimes"]),
+    (["serve", "--admission-window-ms", "-5"], ["--admission-window-ms"]),
+])
+def test_bad_serve_options_are_one_line_before_the_model_loads(tmp_path, capsys, argv, words):
+    missing = tmp_path / "no-such-model"
+    assert main(argv + ["--model", str(missing)]) == 1
+    line = one_error_line(capsys)
+    assert all(w in line for w in words) and str(missing) not in line, line
+
+
+def test_serve_answers_an_openai_client_until_it_is_stopped(default_model_dir):
+    import signal
+    import socket
+    import time
+
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "nanodance", "serve", "--port", str(port), "--log-level", "warning"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                [model] = [m.id for m in client.models.list()]
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.5)
+        reply = client.chat.completions.create(model=model, max_tokens=8, temperature=0,
+                                               messages=[{"role": "user", "content": "Say hello."}])
+        assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it: the status is -SIGTERM, no traceback.
+    assert proc.returncode in (0, -signal.SIGTERM) and "Traceback" not in err, err[-2000:]
+    assert "serving 'SmolLM2-135M-Instruct'" in err
