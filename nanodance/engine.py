@@ -102,6 +102,8 @@ class Call:
     seqs: dict[int, Sequence]
     aborts: set[int] = field(default_factory=set)
     prefilled: dict[int, Prefilled] = field(default_factory=dict)  # by request id
+    joined: list[Sequence] = field(default_factory=list)  # plain requests that joined it in flight (`join`)
+    held: list[Sequence] = field(default_factory=list)  # samples 2..n waiting for their first's prefill
 
 
 class Engine:
@@ -287,37 +289,52 @@ class Engine:
         Samples 2..n of a prompt (`sample_of`) wait until the first's prompt is prefilled: they
         then find its full blocks in the prefix cache instead of computing them again.
         """
-        held = [seq for seq in seqs if seq.sample_of is not None]
-        self._queue([seq for seq in seqs if seq.sample_of is None])
+        call = self.call
+        held = call.held if call is not None else []
+        self._queue(seqs)
         progress = progress or Progress(seqs, enabled=False)
         progress.begin(self.scheduler.counters)
-        prefilled: set[int] = set()
         try:
             while True:
                 self._apply_aborts()
-                ready = [s for s in held if s.sample_of.seq_id in prefilled or s.sample_of.is_finished
+                ready = [s for s in held if s.sample_of.seq_id in call.prefilled or s.sample_of.is_finished
                          or not self.scheduler.has_work()]
                 if ready:
-                    held = [s for s in held if s not in ready]
+                    held[:] = [s for s in held if s not in ready]
                     self._queue(ready)
                 if not self.scheduler.has_work():
                     break
                 ran = self.step()
-                prefilled.update(s.seq_id for s in ran.prefilled)
                 progress.update(self.scheduler.counters)
                 yield ran
         finally:
             progress.close()
             self.scheduler.forget_unwritten()
-            for seq in seqs:
+            for seq in [*seqs, *(call.joined if call is not None else [])]:
                 if not seq.is_finished:
                     self.scheduler.abort(seq)
                     self.counters.requests_aborted += not seq.prefill_only
 
+    def join(self, seqs: list[Sequence]) -> None:
+        """Add plain requests (no round layout) to the call in flight, between two of its steps:
+        the scheduler batches them with it, the call's loop runs until they finish too, and they
+        can be aborted like its own. The caller reads their outputs (`output(seq)`)."""
+        call = self.call
+        if call is None:
+            raise RequestError("no call is in flight to join")
+        for seq in seqs:
+            call.seqs[seq.seq_id] = seq
+        call.joined.extend(seqs)
+        self._queue(seqs)
+
     def _queue(self, seqs: list[Sequence]) -> None:
-        """Add to the scheduler; fail alone a request that can never fit."""
+        """Add to the scheduler (samples 2..n to the call's `held`); fail alone a request that can never fit."""
         for seq in seqs:
             if seq.is_finished:  # aborted before it was queued (while the masters were prefilled)
+                continue
+            waits = seq.sample_of is not None and not seq.sample_of.is_finished and self.scheduler.has_work()
+            if waits and self.call is not None and seq.sample_of.seq_id not in self.call.prefilled:
+                self.call.held.append(seq)
                 continue
             problem = self.capacity_error(seq)
             if problem is not None:

@@ -173,7 +173,7 @@ class LLM:
         if call.as_round:
             return run_round(self.engine, call.encoded, call.params, call.agents, call.prompts, use_tqdm, on_step,
                              call.sample_of)
-        seqs = self._sequences(call)
+        seqs = self.sequences(call)
         with self.engine.serving(seqs):
             self.engine.run(seqs, Progress(seqs, use_tqdm), on_step)
         return [self.engine.output(s) for s in seqs]
@@ -197,7 +197,7 @@ class LLM:
             finally:
                 steps.close()
         else:
-            seqs = self._sequences(call)
+            seqs = self.sequences(call)
             with self.engine.serving(seqs):
                 for snapshot in self.engine.snapshots(seqs):
                     yield snapshot
@@ -205,7 +205,8 @@ class LLM:
         if final != snapshot:  # no step ran (every request failed first), or aborts after the last one
             yield final
 
-    def _sequences(self, call: PreparedCall) -> list:
+    def sequences(self, call: PreparedCall) -> list:
+        """The engine requests of a prepared call (samples 2..n linked to their first)."""
         seqs = [self.engine.make_sequence(e.token_ids, sp, p) for e, sp, p in zip(call.encoded, call.params,
                                                                                   call.prompts)]
         for seq, first in zip(seqs, call.sample_of):

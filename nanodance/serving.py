@@ -12,9 +12,10 @@ Rounds without a round call: the engine thread takes the first waiting request, 
 `admission_window` seconds for others, and runs all of them as one batch: one round
 (`run_round`, its accounting in `llm.round_history` whatever the reuse mode), so under
 `reuse="pic"`/`"tokendance"` requests that arrive together share one master and one recompute
-choice per shared span, found in their prompts by auto_shared.py. Within a batch the scheduler batches continuously (requests of different
-lengths join and leave the running batch step by step); a request that arrives while a batch
-runs waits for the next one, which starts as soon as the current one ends. Each batch's outputs
+choice per shared span, found in their prompts by auto_shared.py. Batching is continuous: a
+plain request (no shared span found, no agent id) that arrives while a batch runs joins it at
+the next step (`Engine.join`); one with shared spans waits for the next batch, its round, which
+starts as soon as the current one ends. A ticket is done when its own outputs finish. Each batch's outputs
 stay pinned for `keep_batches` batches (not only the next one), so a late request of a round
 still reads the outputs of the round before as producer masters.
 
@@ -78,6 +79,7 @@ class ServingCounters:
     cancelled: int = 0  # tickets cancelled by their client (before or while running)
     rejected: int = 0  # submits refused because the inbox was full
     batch_errors: int = 0  # batches that failed as a whole
+    joined: int = 0  # plain requests that joined a batch in flight
     largest_batch: int = 0
 
 
@@ -93,6 +95,8 @@ class ServingEngine:
         self.counters = ServingCounters()
         self._inbox: queue.Queue = queue.Queue(maxsize=max_waiting)
         self._recent: collections.deque[list[RequestOutput]] = collections.deque(maxlen=keep_batches)
+        self._carried: list[Ticket] = []  # tickets for the next batch (a repeated agent id, a late round request)
+        self._stopping = False  # the shutdown marker was taken from the inbox
         self._thread = threading.Thread(target=self._loop, name="nanodance-engine", daemon=True)
         self._thread.start()
 
@@ -149,13 +153,12 @@ class ServingEngine:
     # ------------------------------------------------------------------ the engine thread
 
     def _loop(self) -> None:
-        carried: list[Ticket] = []  # tickets the last batch could not take (a repeated agent id)
-        while True:
-            first = carried.pop(0) if carried else self._inbox.get()
+        while not self._stopping:
+            first = self._carried.pop(0) if self._carried else self._inbox.get()
             if first is _STOP:
                 break
-            batch, stop = [first] + carried, False
-            carried = []
+            batch = [first] + self._carried
+            self._carried = []
             deadline = time.monotonic() + self.admission_window
             while (left := deadline - time.monotonic()) > 0:
                 try:
@@ -163,14 +166,12 @@ class ServingEngine:
                 except queue.Empty:
                     break
                 if ticket is _STOP:
-                    stop = True
+                    self._stopping = True
                     break
                 batch.append(ticket)
-            batch, carried = _split_repeated_agents(batch)
+            batch, self._carried = _split_repeated_agents(batch)
             self._run_batch(batch)
-            if stop:
-                break
-        for ticket in carried + _drain(self._inbox):
+        for ticket in self._carried + _drain(self._inbox):
             self._finish(ticket, error=CapacityError("the server is shutting down"))
 
     def _run_batch(self, batch: list[Ticket]) -> None:
@@ -187,6 +188,7 @@ class ServingEngine:
         for t in batch:
             slices.append(slice(at, at + t.params.n))
             at += t.params.n
+        joined: list[tuple[Ticket, list]] = []  # plain requests that arrived while the batch ran
         try:
             call = llm.prepare_call([t.encoded for t in batch], [t.params for t in batch], [t.agent for t in batch],
                                     [t.prompt for t in batch], as_round=True)
@@ -194,27 +196,63 @@ class ServingEngine:
             for snapshot in llm.stream_call(call):
                 final = snapshot
                 for t, part in zip(batch, slices):
-                    if t.cancelled:
-                        for out in snapshot[part]:
-                            llm.abort(out.request_id)
-                    if snapshot[part] != t.outputs:
-                        t.outputs = snapshot[part]
-                        self._notify(t)
-        except NanodanceError as exc:
+                    self._update(t, snapshot[part])
+                for t, seqs in joined:
+                    self._update(t, [llm.engine.output(s) for s in seqs])
+                if llm.engine.call is not None:  # the last snapshot comes after the call ended
+                    joined += self._join_late_arrivals()
+        except Exception as exc:  # NanodanceError (e.g. CapacityError), or an engine bug: fail this batch, keep serving
             self.counters.batch_errors += 1
-            logger.warning("a batch of %d requests failed: %s", len(batch), exc)
-            for t in batch:
-                self._finish(t, error=exc)
-            return
-        except Exception as exc:  # an engine bug: fail this batch, keep serving
-            self.counters.batch_errors += 1
-            logger.exception("a batch of %d requests failed", len(batch))
-            for t in batch:
-                self._finish(t, error=exc)
+            log = logger.warning if isinstance(exc, NanodanceError) else logger.exception
+            log("a batch of %d requests failed: %s", len(batch) + len(joined), exc)
+            for t in [*batch, *(t for t, _ in joined)]:
+                if not t.done:
+                    self._finish(t, error=exc)
             return
         self._keep_outputs(final)
-        for t in batch:
-            self._finish(t)
+        for t in [*batch, *(t for t, _ in joined)]:
+            if not t.done:
+                self._finish(t)
+
+    def _update(self, ticket: Ticket, outputs: list[RequestOutput]) -> None:
+        """New outputs of a running ticket: abort it if cancelled, tell its client, finish it when all are."""
+        if ticket.done:
+            return
+        if ticket.cancelled:
+            for out in outputs:
+                if out.finish_reason is None:
+                    self.llm.abort(out.request_id)
+        if outputs != ticket.outputs:
+            ticket.outputs = outputs
+            self._notify(ticket)
+        if all(out.finish_reason is not None for out in outputs):
+            self._finish(ticket)  # now, not when the whole batch ends
+
+    def _join_late_arrivals(self) -> list[tuple[Ticket, list]]:
+        """Between two steps: plain requests that arrived since the batch started join it (continuous
+        batching); those with shared spans or an agent id wait for the next batch, their round."""
+        joined = []
+        while not self._stopping:
+            try:
+                ticket = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if ticket is _STOP:
+                self._stopping = True
+                break
+            if ticket.cancelled:
+                self._finish(ticket)
+                continue
+            call = self.llm.prepare_call([ticket.encoded], [ticket.params], [ticket.agent], [ticket.prompt])
+            if call.as_round or ticket.agent is not None:
+                self._carried.append(ticket)
+                continue
+            seqs = self.llm.sequences(call)
+            self.llm.engine.join(seqs)
+            self.counters.requests += 1
+            self.counters.joined += 1
+            joined.append((ticket, seqs))
+        return joined
 
     def _keep_outputs(self, outputs: list[RequestOutput]) -> None:
         """Keep the last `keep_batches` batches' outputs pinned (producer masters for late requests)."""

@@ -10,9 +10,11 @@ Specification:
 - streaming (SSE): the deltas add up to the non-streamed text, one finish_reason per choice, and
   with stream_options.include_usage a last chunk holding the usage;
 - a round without marking: agents that paste each other's answers into plain message text,
-  sent together, are run as one round whose prompts reuse the answers (cached_tokens > 0,
-  round accounting in /stats); explicit marking through extra_body works too;
-- concurrent unrelated requests each get exactly what they get alone;
+  sent together, reuse the answers (cached_tokens > 0, round accounting in /stats); requests
+  submitted within the admission window run as one round; explicit marking through extra_body
+  works too;
+- concurrent unrelated requests each get exactly what they get alone; a plain request that
+  arrives while a batch runs joins it and finishes before it;
 - errors, OpenAI-shaped, and the server keeps serving: malformed JSON, unknown model, a bad
   parameter, an unsupported one, a prompt too long -> 400; a full queue -> 503 (ServingEngine);
   a client that disconnects mid-stream has its request aborted and its blocks freed;
@@ -170,7 +172,23 @@ def test_agents_pasting_each_others_answers_share_them_without_marking(server):
     stats = httpx.get(base + "/stats").json()
     assert stats["engine"]["auto_shared_spans"] - spans_before >= 6  # each prompt holds the two others' answers
     new_rounds = stats["rounds"][-(len(serving.llm.round_history) - rounds_before):]
-    assert any(r["agents"] == 3 and r["shared_tokens"] > 0 for r in new_rounds), new_rounds
+    # Usually one round of 3; on a loaded machine a request may miss the 50 ms window and form the next.
+    assert sum(r["agents"] for r in new_rounds) == 3 and all(r["shared_tokens"] > 0 for r in new_rounds)
+
+
+def test_requests_submitted_within_the_admission_window_run_as_one_round(llm, server):
+    idle(server[1])
+    serving = ServingEngine(llm, admission_window=1.0)
+    try:
+        rounds = len(llm.round_history)
+        tickets = [serving.submit(chat(f"Say {word}."), SamplingParams(temperature=0, max_tokens=3))
+                   for word in ("yes", "no", "maybe")]
+        for t in tickets:
+            t.wait(60)
+        assert serving.counters.batches == 1 and serving.counters.largest_batch == 3
+        assert len(llm.round_history) == rounds + 1 and llm.round_history[-1]["agents"] == 3
+    finally:
+        serving.shutdown()
 
 
 def test_explicit_marking_through_extra_body(client, server):
@@ -258,6 +276,28 @@ def test_a_full_queue_is_refused_not_crashed(llm, server):
         serving.cancel(long)
         assert long.wait(60)[0].finish_reason == "abort"
         assert queued.wait(60)[0].finish_reason == "length"
+    finally:
+        serving.shutdown()
+    llm.check_invariants()
+
+
+def test_a_plain_request_joins_a_running_batch_and_finishes_first(llm, server):
+    idle(server[1])
+    hi = chat("What is 2 + 2?")
+    [alone] = llm.generate([hi], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+    serving = ServingEngine(llm, admission_window=0)
+    try:
+        long = serving.submit(chat("Tell me a long story."), SamplingParams(max_tokens=300, ignore_eos=True))
+        deadline = time.monotonic() + 60
+        while not long.outputs:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        short = serving.submit(hi, SamplingParams(temperature=0, max_tokens=6))
+        [out] = short.wait(60)
+        assert not long.done and serving.counters.joined == 1 and serving.counters.batches == 1
+        assert out.token_ids == alone.token_ids
+        serving.cancel(long)
+        assert long.wait(60)[0].finish_reason == "abort"
     finally:
         serving.shutdown()
     llm.check_invariants()
