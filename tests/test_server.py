@@ -303,6 +303,37 @@ def test_a_plain_request_joins_a_running_batch_and_finishes_first(llm, server):
     llm.check_invariants()
 
 
+def test_a_late_request_reads_the_earlier_batchs_output_as_its_producer_master(llm, server):
+    idle(server[1])
+    serving = ServingEngine(llm, admission_window=0)
+    try:
+        [answer] = serving.generate(chat("In one sentence, what is a comet?"),
+                                    SamplingParams(temperature=0, max_tokens=40), timeout=60)
+        before = llm.collector.counters.producer_masters
+        serving.generate(chat(f"A student wrote: {answer.text}\nIs that right?"),
+                         SamplingParams(temperature=0, max_tokens=4), timeout=60)
+        assert llm.collector.counters.producer_masters == before + 1  # its K/V, pinned since the first batch
+        assert llm.round_history[-1]["shared_tokens"] >= len(answer.token_ids) - 3  # but its stop and boundary tokens
+    finally:
+        serving.shutdown()
+
+
+def test_a_full_queue_over_http_is_a_503_with_an_openai_error_body(llm, monkeypatch):
+    from fastapi.testclient import TestClient
+    from nanodance.server import build_app
+
+    serving = ServingEngine(llm)
+    try:
+        def full(*args, **kwargs):
+            raise CapacityError("1024 requests are already waiting; retry later")
+        monkeypatch.setattr(serving, "submit", full)
+        r = TestClient(build_app(serving, MODEL)).post("/v1/chat/completions", json={"messages": chat("Hi")})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+        assert "already waiting" in r.json()["error"]["message"]
+    finally:
+        serving.shutdown()
+
+
 def test_metrics_are_prometheus_text(server, client):
     client.chat.completions.create(model=MODEL, messages=chat("Hi"), max_tokens=2)
     text = httpx.get(server[0] + "/metrics").text
