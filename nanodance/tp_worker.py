@@ -1,0 +1,133 @@
+"""A tensor-parallel worker rank (1..N-1): join the group, load its shard, then replay rank 0's calls.
+
+    worker_main(spec, rank, conn)   # the spawned process's entry point (tp_launch.py starts it)
+    build_rank(spec, tp) -> Executor
+    serve(executor)                 # loop: receive a step description -> run it on the shard
+
+A worker owns no scheduling, no block pool and no sampler: it holds its shard of the weights and
+a KV cache of its own KV heads, at the same block ids as rank 0's, and runs exactly the executor
+calls rank 0 runs, in the same order, so that the collectives inside the model pair up.
+It reports its start-up on `conn` ("joining" before it enters the process group, "ready" once its
+shard is loaded, or "error" with the reason), so rank 0 never waits on a rank that already died.
+Ctrl-C is rank 0's to handle (it shuts the workers down), so workers ignore SIGINT.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nanodance import tp_protocol as proto
+from nanodance.cache import KVCache
+from nanodance.config import ModelConfig
+from nanodance.engine_config import EngineConfig
+from nanodance.executor import Executor
+from nanodance.parallel import TensorParallel
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """What every rank needs to join the group and build its shard (pickled to spawned workers)."""
+
+    folder: str
+    model_config: ModelConfig
+    engine_config: EngineConfig
+    world: int
+    init_method: str  # "tcp://127.0.0.1:port" (spawned on one machine) or "env://" (torchrun)
+    timeout_s: float  # collectives that wait longer than this fail instead of hanging
+    threads: int  # torch intra-op threads per worker (CPU)
+
+    def device(self, rank: int, local_rank: int | None = None) -> torch.device:
+        """The device of `rank`: CPU for all, or the GPU after the one rank 0 uses (or LOCAL_RANK)."""
+        base = self.engine_config.torch_device()
+        if base.type != "cuda":
+            return base
+        return torch.device("cuda", local_rank if local_rank is not None else (base.index or 0) + rank)
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.engine_config.torch_device().type == "cuda" else "gloo"
+
+
+def join_group(spec: GroupSpec, rank: int, device: torch.device) -> TensorParallel:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(spec.backend, init_method=spec.init_method, rank=rank, world_size=spec.world,
+                            timeout=timedelta(seconds=spec.timeout_s))
+    return TensorParallel(rank, spec.world)
+
+
+def build_rank(spec: GroupSpec, tp: TensorParallel, device: torch.device) -> Executor:
+    """Load this rank's shard and allocate its KV cache (its KV heads, every block of the pool)."""
+    from nanodance.weights import load_model
+
+    cfg, mc = spec.engine_config, spec.model_config
+    dtype = cfg.torch_dtype()
+    model = load_model(Path(spec.folder), mc, dtype, device, tp)
+    # The same pool size as rank 0's Engine computes (engine.py): same options, same shard sizes.
+    block_bytes = KVCache.bytes_per_block(mc.num_layers, cfg.block_size, model.kv_heads, mc.head_dim, dtype)
+    kv = KVCache.allocate(mc.num_layers, cfg.num_kv_blocks(block_bytes), cfg.block_size, model.kv_heads,
+                          mc.head_dim, dtype, device)
+    return Executor(model, kv)
+
+
+def serve(executor: Executor) -> None:
+    """Run rank 0's calls on this shard until it says SHUTDOWN."""
+    device = executor.device
+    while True:
+        op, ints, tensors = proto.receive(device)
+        if op == proto.SHUTDOWN:
+            return
+        if op == proto.FORWARD:
+            executor.forward(*proto.decode_forward(ints, tensors))
+        elif op == proto.DEVIATIONS:
+            executor.key_deviations_packed(proto.decode_deviations(ints, tensors))
+        elif op == proto.ROTATE_COPY:
+            src, dst, delta = tensors
+            executor.rotate_copy(src, dst, delta.to(torch.int32))
+        else:
+            raise RuntimeError(f"unknown tensor-parallel op {op}")
+
+
+def worker_main(spec: GroupSpec, rank: int, conn) -> None:
+    """Entry point of a spawned worker process; exits 0 after SHUTDOWN, 1 if anything failed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(spec.threads)
+    try:
+        device = spec.device(rank)
+        conn.send(("joining", None))
+        tp = join_group(spec, rank, device)
+        executor = build_rank(spec, tp, device)
+        conn.send(("ready", None))
+    except BaseException as e:  # report why, then die: rank 0 raises it
+        _report(conn, e)
+        sys.exit(1)
+    try:
+        serve(executor)
+    except BaseException as e:  # rank 0 died or failed a collective: nothing to serve any more
+        print(f"nanodance tensor-parallel worker rank {rank}: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
+    dist.destroy_process_group()
+
+
+def run_external_worker(spec: GroupSpec, rank: int, local_rank: int | None) -> None:
+    """A rank > 0 launched by torchrun (env://): build the shard, serve rank 0, leave the group."""
+    device = spec.device(rank, local_rank)
+    torch.set_num_threads(spec.threads)
+    tp = join_group(spec, rank, device)
+    executor = build_rank(spec, tp, device)
+    dist.barrier()  # rank 0 waits here until every shard is loaded
+    serve(executor)
+    dist.destroy_process_group()
+
+
+def _report(conn, e: BaseException) -> None:
+    try:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    except (OSError, EOFError):
+        pass
