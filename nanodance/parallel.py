@@ -111,7 +111,7 @@ def check_split(cfg: ModelConfig, world: int, device: torch.device) -> None:
         raise RequestError(f"tensor_parallel_size must be a positive int, got {world!r}")
     if world == 1:
         return
-    sizes = sorted({n for n in range(1, world * 2 + 1) if _fits(cfg, n)} | {1})
+    sizes = [n for n in range(1, cfg.num_heads + 1) if _fits(cfg, n)]  # a split never exceeds the heads
     fix = f"; this model splits over tensor_parallel_size in {sizes[:8]}"
     if cfg.num_heads % world:
         raise RequestError(f"tensor_parallel_size={world} does not divide the model's {cfg.num_heads} attention "
