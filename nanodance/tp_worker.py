@@ -13,6 +13,7 @@ Ctrl-C is rank 0's to handle (it shuts the workers down), so workers ignore SIGI
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -106,24 +107,36 @@ def worker_main(spec: GroupSpec, rank: int, conn) -> None:
         conn.send(("ready", None))
     except BaseException as e:  # report why, then die: rank 0 raises it
         _report(conn, e)
-        sys.exit(1)
+        _leave(1)
     try:
         serve(executor)
     except BaseException as e:  # rank 0 died or failed a collective: nothing to serve any more
         print(f"nanodance tensor-parallel worker rank {rank}: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(1)
-    dist.destroy_process_group()
+        _leave(1)
+    _leave(0)
+
+
+def _leave(status: int) -> None:
+    """Exit at once, without tearing the process group down here: gloo's teardown races rank 0's
+    and can abort the process (std::terminate); rank 0 destroys the group after this exit."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def run_external_worker(spec: GroupSpec, rank: int, local_rank: int | None) -> None:
-    """A rank > 0 launched by torchrun (env://): build the shard, serve rank 0, leave the group."""
+    """A rank > 0 launched by torchrun (env://): build the shard, serve rank 0, then exit the process."""
     device = spec.device(rank, local_rank)
     torch.set_num_threads(spec.threads)
     tp = join_group(spec, rank, device)
     executor = build_rank(spec, tp, device)
     dist.barrier()  # rank 0 waits here until every shard is loaded
-    serve(executor)
-    dist.destroy_process_group()
+    try:
+        serve(executor)
+    except BaseException as e:
+        print(f"nanodance tensor-parallel worker rank {rank}: {type(e).__name__}: {e}", file=sys.stderr)
+        _leave(1)
+    _leave(0)
 
 
 def _report(conn, e: BaseException) -> None:

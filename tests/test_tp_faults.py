@@ -5,6 +5,8 @@ Specification:
   raise `WorkerDiedError` (a `NanodanceError`) naming rank 1 and the signal, within seconds, never
   a hang (each test runs under an alarm); every worker is gone afterwards, the block pool holds
   nothing, and later calls raise `TensorParallelError` instead of touching the dead group;
+- Ctrl-C in the middle of a call (the ranks are then out of step) shuts the workers down and
+  stays a KeyboardInterrupt; later calls raise `TensorParallelError`;
 - a garbage-collected LLM shuts its workers down; after `shutdown()` a call raises
   `TensorParallelError`, and a new tensor-parallel LLM can start in the same process;
 - impossible splits are refused before any process starts or any weight loads, with the sizes
@@ -29,6 +31,7 @@ import torch
 from nanodance import LLM, SamplingParams
 from nanodance.config import ModelConfig
 from nanodance.errors import NanodanceError, RequestError, TensorParallelError, WorkerDiedError
+from nanodance.executor import Executor
 from nanodance.parallel import check_split
 from tiny_checkpoints import random_ids, tiny_config, write_tiny_checkpoint
 
@@ -99,6 +102,25 @@ def test_worker_killed_during_a_call(folder):
 
         with pytest.raises(WorkerDiedError, match="rank 1"):
             llm.generate(PROMPTS, GREEDY, use_tqdm=False, on_step=kill_once)
+        assert_down(llm, [worker])
+
+
+def test_ctrl_c_during_a_call_shuts_the_workers_down(folder, monkeypatch):
+    with deadline():
+        llm = start(folder)
+        [worker] = llm._tp.processes
+        calls = []
+
+        def interrupted(self, *args):  # rank 0's own forward, after the workers got the step
+            calls.append(1)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Executor, "forward", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        monkeypatch.undo()
+        assert calls == [1]
+        worker.join(10)
         assert_down(llm, [worker])
 
 

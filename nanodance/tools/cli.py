@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="longest prompt + completion in tokens; default: the model's")
     generate.add_argument("--kv-cache-blocks", type=int, default=None,
                           help="KV cache size in blocks; default: sized from a memory budget")
+    generate.add_argument("--tensor-parallel-size", type=int, default=None,
+                          help="split the model over this many GPUs (or CPU processes); default 1")
     generate.set_defaults(run=_generate)
     return parser
 
@@ -80,7 +82,8 @@ def _generate(args) -> int:
 
     # Before the model loads: a typo in an option should not cost a model load to find out.
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
-    options = {"dtype": args.dtype, "max_model_len": args.max_model_len, "kv_cache_blocks": args.kv_cache_blocks}
+    options = {"dtype": args.dtype, "max_model_len": args.max_model_len, "kv_cache_blocks": args.kv_cache_blocks,
+               "tensor_parallel_size": args.tensor_parallel_size}
     llm = LLM(args.model, **{k: v for k, v in options.items() if v is not None})
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     [output] = llm.generate([prompt], params)
