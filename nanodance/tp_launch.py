@@ -13,8 +13,8 @@ spawn processes on this machine (gloo on CPU, NCCL on CUDA), or, under `torchrun
 WORLD_SIZE, MASTER_ADDR... set), the other ranks of torchrun's job on any node: there each rank
 runs the same script, and `LLM(...)` on a rank > 0 serves rank 0 and then exits the process.
 
-Faults: before each call rank 0 checks its workers are alive; a collective that fails (gloo
-notices a closed connection at once; anything else fails after `TIMEOUT_S`) or any exception
+Faults: before each call rank 0 checks its workers are alive; a collective that fails (a closed
+connection is noticed at once; an NCCL collective also fails after `TIMEOUT_S`) or any exception
 during a call (Ctrl-C included: the ranks would no longer be in step) shuts every worker down
 and raises `WorkerDiedError` naming the dead rank, or `TensorParallelError`. Later calls raise
 `TensorParallelError`: the LLM cannot run the model again.
@@ -42,7 +42,7 @@ from nanodance.model import CausalLM
 from nanodance.parallel import TensorParallel
 from nanodance.tp_worker import GroupSpec, join_group, run_external_worker, worker_main
 
-TIMEOUT_S = 300.0  # a collective (or the start-up) waiting this long fails instead of hanging
+TIMEOUT_S = 300.0  # joining the group, or (NCCL) one step's collective, waiting this long fails
 _REAP_S = 3.0  # after a failed collective, how long a dying worker gets to be seen dead
 
 
@@ -53,6 +53,7 @@ class TPGroup:
         self.spec, self.processes, self.conns = spec, processes, conns
         self.tp = TensorParallel(0, spec.world)
         self.device = spec.device(0)
+        self.control = None  # the group step descriptions go over (tp_worker.join_group)
         self.closed: str | None = None  # why the group stopped serving, once it has
 
     # ------------------------------------------------------------------ start-up
@@ -77,7 +78,7 @@ class TPGroup:
                 raise SystemExit(0)
             group = cls(spec, [], [])
             group.device = spec.device(0, local_rank)
-            join_group(spec, 0, group.device)
+            _, group.control = join_group(spec, 0, group.device)
             return group
         spec = GroupSpec(str(folder), model_config, cfg, world, f"tcp://127.0.0.1:{_free_port()}", TIMEOUT_S, threads)
         ctx = mp.get_context("spawn")
@@ -91,8 +92,8 @@ class TPGroup:
                 writer.close()
                 group.processes.append(proc)
                 group.conns.append(reader)
-            group._await("joining")
-            join_group(spec, 0, group.device)
+            group._await("joining", spec.timeout_s)
+            _, group.control = join_group(spec, 0, group.device)
         except BaseException:
             group.shutdown(healthy=False, reason="start-up failed")
             raise
@@ -101,12 +102,12 @@ class TPGroup:
     def wait_ready(self) -> None:
         """Block until every worker has loaded its shard (a failed or dead one raises)."""
         if self.processes:
-            self._await("ready")
+            self._await("ready", None)  # loading a large shard takes what it takes, while the worker lives
         else:
-            dist.barrier()  # torchrun: the other ranks pass it after loading (tp_worker.run_external_worker)
+            dist.barrier(group=self.control)  # torchrun: the other ranks pass it after loading
 
-    def _await(self, state: str) -> None:
-        deadline = time.monotonic() + self.spec.timeout_s
+    def _await(self, state: str, timeout_s: float | None) -> None:
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else float("inf"))
         for rank, (proc, conn) in enumerate(zip(self.processes, self.conns), start=1):
             while True:
                 if conn.poll(0.05):
@@ -123,7 +124,7 @@ class TPGroup:
                     raise WorkerDiedError(f"tensor-parallel worker rank {rank} {_how_ended(proc)} while starting")
                 elif time.monotonic() > deadline:
                     raise TensorParallelError(f"tensor-parallel worker rank {rank} did not start within "
-                                              f"{self.spec.timeout_s:.0f} s")
+                                              f"{timeout_s:.0f} s")
 
     def executor(self, model: CausalLM, kv: KVCache) -> "TPExecutor":
         """The Engine's executor factory: rank 0's executor, which drives this group."""
@@ -175,7 +176,7 @@ class TPGroup:
         self.closed = reason
         if healthy and not self._dead() and dist.is_initialized():
             with contextlib.suppress(Exception):
-                proto.send(proto.SHUTDOWN, [], [], self.device)
+                proto.send(proto.SHUTDOWN, [], [], self.control)
         for proc in self.processes:
             proc.join(5.0 if healthy else 0.0)
             if proc.is_alive():
@@ -201,7 +202,7 @@ class TPExecutor(Executor):
     def forward(self, input_ids, positions, meta, logit_rows):
         with self.group.call():
             ints, tensors = proto.encode_forward(input_ids, positions, meta, logit_rows)
-            proto.send(proto.FORWARD, ints, tensors, self.device)
+            proto.send(proto.FORWARD, ints, tensors, self.group.control)
             return super().forward(input_ids, positions, meta, logit_rows)
 
     def key_deviations_packed(self, batch: DeviationBatch):
@@ -209,12 +210,12 @@ class TPExecutor(Executor):
             return None  # nothing to score: no rank runs anything
         with self.group.call():
             ints, tensors = proto.encode_deviations(batch)
-            proto.send(proto.DEVIATIONS, ints, tensors, self.device)
+            proto.send(proto.DEVIATIONS, ints, tensors, self.group.control)
             return super().key_deviations_packed(batch)
 
     def rotate_copy(self, src_slots, dst_slots, delta):
         with self.group.call():
-            proto.send(proto.ROTATE_COPY, [], [src_slots, dst_slots, delta], self.device)
+            proto.send(proto.ROTATE_COPY, [], [src_slots, dst_slots, delta], self.group.control)
             super().rotate_copy(src_slots, dst_slots, delta)
 
 

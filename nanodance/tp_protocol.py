@@ -1,11 +1,15 @@
 """What rank 0 tells the worker ranks, once per executor call: one compact step description.
 
-    send(op, ints, tensors, device)          # rank 0: header, then one payload, both by dist.broadcast
-    op, ints, tensors = receive(device)      # a worker: the same, in the same order
+    send(op, ints, tensors, group)           # rank 0: header, then one payload, both by dist.broadcast
+    op, ints, tensors = receive(group)       # a worker: the same, in the same order (CPU tensors)
     encode_forward(...) / decode_forward(ints, tensors), encode_deviations / decode_deviations
 
 A message is two broadcasts from rank 0: a fixed int64 header [HEADER] (op code, its small ints,
-the length of each tensor) and every tensor flattened into one int64 payload. Ops:
+the length of each tensor) and every tensor flattened into one int64 payload, both CPU tensors
+over the control group: a gloo group whose timeout outlasts any idle time (workers wait in
+`receive` while rank 0 is between calls, for as long as it likes; a dead rank 0 still ends the
+wait at once, by a closed connection), so with NCCL the model's own collectives keep their short
+timeout while the control plane never times out. Ops:
     FORWARD        input_ids, positions, the AttentionMetadata tensors (slot mapping, views,
                    k_pos...), the rows that sample; every rank runs the forward on its shard
                    and rank 0 gathers the logits
@@ -30,28 +34,28 @@ _MAX_INTS = 12  # header: [op, n_ints, n_tensors, ints (12), tensor lengths (17)
 _MAX_TENSORS = HEADER - 3 - _MAX_INTS
 
 
-def send(op: int, ints: list[int], tensors: list[torch.Tensor], device: torch.device) -> None:
+def send(op: int, ints: list[int], tensors: list[torch.Tensor], group) -> None:
     """Rank 0: broadcast one message (the header, then the payload if there is one)."""
     assert len(ints) <= _MAX_INTS and len(tensors) <= _MAX_TENSORS, "message too large for the header"
     header = [op, len(ints), len(tensors)] + ints + [0] * (_MAX_INTS - len(ints))
     header += [t.numel() for t in tensors] + [0] * (_MAX_TENSORS - len(tensors))
-    dist.broadcast(torch.tensor(header, dtype=torch.int64, device=device), src=0)
+    dist.broadcast(torch.tensor(header, dtype=torch.int64), src=0, group=group)
     if any(t.numel() for t in tensors):
-        payload = torch.cat([t.reshape(-1).to(device=device, dtype=torch.int64) for t in tensors])
-        dist.broadcast(payload, src=0)
+        payload = torch.cat([t.reshape(-1).to(device="cpu", dtype=torch.int64) for t in tensors])
+        dist.broadcast(payload, src=0, group=group)
 
 
-def receive(device: torch.device) -> tuple[int, list[int], list[torch.Tensor]]:
-    """A worker: the next message from rank 0 (blocks until it comes): op, ints, int64 tensors."""
-    header = torch.empty(HEADER, dtype=torch.int64, device=device)
-    dist.broadcast(header, src=0)
+def receive(group) -> tuple[int, list[int], list[torch.Tensor]]:
+    """A worker: the next message from rank 0 (blocks until it comes): op, ints, int64 CPU tensors."""
+    header = torch.empty(HEADER, dtype=torch.int64)
+    dist.broadcast(header, src=0, group=group)
     h = header.tolist()
     op, n_ints, n_tensors = h[0], h[1], h[2]
     ints = h[3:3 + n_ints]
     lengths = h[3 + _MAX_INTS:3 + _MAX_INTS + n_tensors]
-    payload = torch.empty(sum(lengths), dtype=torch.int64, device=device)
+    payload = torch.empty(sum(lengths), dtype=torch.int64)
     if payload.numel():
-        dist.broadcast(payload, src=0)
+        dist.broadcast(payload, src=0, group=group)
     return op, ints, list(payload.split(lengths))
 
 

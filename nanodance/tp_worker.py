@@ -2,7 +2,7 @@
 
     worker_main(spec, rank, conn)   # the spawned process's entry point (tp_launch.py starts it)
     build_rank(spec, tp) -> Executor
-    serve(executor)                 # loop: receive a step description -> run it on the shard
+    serve(executor, control)        # loop: receive a step description -> run it on the shard
 
 A worker owns no scheduling, no block pool and no sampler: it holds its shard of the weights and
 a KV cache of its own KV heads, at the same block ids as rank 0's, and runs exactly the executor
@@ -40,7 +40,7 @@ class GroupSpec:
     engine_config: EngineConfig
     world: int
     init_method: str  # "tcp://127.0.0.1:port" (spawned on one machine) or "env://" (torchrun)
-    timeout_s: float  # collectives that wait longer than this fail instead of hanging
+    timeout_s: float  # NCCL: a step's collective waiting longer fails (gloo: only a closed connection ends a wait)
     threads: int  # torch intra-op threads per worker (CPU)
 
     def device(self, rank: int, local_rank: int | None = None) -> torch.device:
@@ -55,12 +55,28 @@ class GroupSpec:
         return "nccl" if self.engine_config.torch_device().type == "cuda" else "gloo"
 
 
-def join_group(spec: GroupSpec, rank: int, device: torch.device) -> TensorParallel:
+# Waits on a gloo group end when a peer's connection closes (it died); between calls workers wait
+# for rank 0 as long as rank 0 is idle, so no other end is wanted there.
+IDLE_TIMEOUT = timedelta(days=30)
+
+
+def join_group(spec: GroupSpec, rank: int, device: torch.device) -> tuple[TensorParallel, object]:
+    """Join the default group (the model's collectives) and return the control group (step descriptions).
+
+    On CPU both are one gloo group. On CUDA the model's collectives run on NCCL with the short
+    `timeout_s`, and step descriptions on a gloo group of their own, which idle waits cannot time out.
+    """
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(spec.backend, init_method=spec.init_method, rank=rank, world_size=spec.world,
-                            timeout=timedelta(seconds=spec.timeout_s))
-    return TensorParallel(rank, spec.world)
+    if spec.backend == "nccl":
+        dist.init_process_group("nccl", init_method=spec.init_method, rank=rank, world_size=spec.world,
+                                timeout=timedelta(seconds=spec.timeout_s))
+        control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    else:
+        dist.init_process_group("gloo", init_method=spec.init_method, rank=rank, world_size=spec.world,
+                                timeout=IDLE_TIMEOUT)
+        control = None  # the default group
+    return TensorParallel(rank, spec.world), control
 
 
 def build_rank(spec: GroupSpec, tp: TensorParallel, device: torch.device) -> Executor:
@@ -77,11 +93,12 @@ def build_rank(spec: GroupSpec, tp: TensorParallel, device: torch.device) -> Exe
     return Executor(model, kv)
 
 
-def serve(executor: Executor) -> None:
+def serve(executor: Executor, control) -> None:
     """Run rank 0's calls on this shard until it says SHUTDOWN."""
     device = executor.device
     while True:
-        op, ints, tensors = proto.receive(device)
+        op, ints, cpu_tensors = proto.receive(control)
+        tensors = [t.to(device) for t in cpu_tensors]
         if op == proto.SHUTDOWN:
             return
         if op == proto.FORWARD:
@@ -102,14 +119,14 @@ def worker_main(spec: GroupSpec, rank: int, conn) -> None:
     try:
         device = spec.device(rank)
         conn.send(("joining", None))
-        tp = join_group(spec, rank, device)
+        tp, control = join_group(spec, rank, device)
         executor = build_rank(spec, tp, device)
         conn.send(("ready", None))
     except BaseException as e:  # report why, then die: rank 0 raises it
         _report(conn, e)
         _leave(1)
     try:
-        serve(executor)
+        serve(executor, control)
     except BaseException as e:  # rank 0 died or failed a collective: nothing to serve any more
         print(f"nanodance tensor-parallel worker rank {rank}: {type(e).__name__}: {e}", file=sys.stderr)
         _leave(1)
@@ -128,11 +145,11 @@ def run_external_worker(spec: GroupSpec, rank: int, local_rank: int | None) -> N
     """A rank > 0 launched by torchrun (env://): build the shard, serve rank 0, then exit the process."""
     device = spec.device(rank, local_rank)
     torch.set_num_threads(spec.threads)
-    tp = join_group(spec, rank, device)
+    tp, control = join_group(spec, rank, device)
     executor = build_rank(spec, tp, device)
-    dist.barrier()  # rank 0 waits here until every shard is loaded
+    dist.barrier(group=control)  # rank 0 waits here until every shard is loaded
     try:
-        serve(executor)
+        serve(executor, control)
     except BaseException as e:
         print(f"nanodance tensor-parallel worker rank {rank}: {type(e).__name__}: {e}", file=sys.stderr)
         _leave(1)
