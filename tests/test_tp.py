@@ -2,7 +2,8 @@
 
 Specification, for a tiny Llama (GQA 4/2 heads, llama3 RoPE, untied embeddings: each rank holds
 one KV head) and a tiny Qwen2 (q/k/v biases, one KV head: replicated on both ranks; tied
-embeddings; a vocabulary of 255 rows: the ranks' parts are 128 and 127):
+embeddings; a vocabulary of 255 rows: the ranks' parts are 128 and 127) and a tiny Qwen3 (per-head
+q/k RMSNorm, head_dim 32 so that heads x head_dim != hidden size):
 - every logit rank 0 samples from at `tensor_parallel_size=2` equals the one-device logit
   within fp32 tolerance (1e-4), at every prefill and decode step;
 - greedy `generate` gives the same tokens;
@@ -10,6 +11,8 @@ embeddings; a vocabulary of 255 rows: the ranks' parts are 128 and 127):
   of shared token blocks in the first, producer masters of the first round's outputs in the
   second) at recompute_ratio 1.0 and at the default ratio (whose recompute choice scores key
   deviations on each rank's heads and sums them); so does `pic` (dense re-rotated copies);
+- the collector's key deviations (each rank scores its own KV heads, the sums are added, a
+  replicated head counted once) equal one device's within fp32 tolerance;
 - rank 0 holds only its shard: half the query heads, its KV heads, half the MLP, its rows of the
   vocabulary; its KV cache holds its KV heads only;
 - `shutdown()` ends every worker cleanly (exit status 0).
@@ -20,6 +23,7 @@ import pytest
 import torch
 
 from nanodance import LLM, SamplingParams, Shared
+from nanodance.executor import DeviationQuery
 from nanodance.runner import default_sampler
 from tiny_checkpoints import random_ids, write_tiny_checkpoint
 
@@ -30,6 +34,7 @@ BLOCK = 4
 KINDS = {
     "llama3": dict(num_hidden_layers=3),
     "qwen2": dict(num_key_value_heads=1, vocab_size=255, tie_word_embeddings=True),
+    "qwen3": dict(),
 }
 
 
@@ -115,6 +120,16 @@ def test_rounds_give_the_same_tokens(pair, reuse, ratio):
         assert llm.stats()["blocks_used"] == 0
         # The default ratio scores deviations (the DEVIATIONS step); full recompute needs none.
         assert (llm.stats()["collector_scored_segments"] > before) == (ratio < 1)
+
+
+def test_key_deviations_match_one_device(pair):
+    prompt = pair.ids(12, 300)
+    for llm in pair.both():  # the same history: the same K/V at the same slots in both
+        llm.generate([prompt], greedy(2), use_tqdm=False)
+    query = DeviationQuery(prompt=0, start=2, src_slots=tuple(range(8)), delta=tuple(range(-3, 5)))
+    one, two = (llm.engine.executor.key_deviations([prompt], 1, BLOCK, [query])[0] for llm in pair.both())
+    assert one.shape == (8,) and bool((one > 0).all())
+    torch.testing.assert_close(two, one, atol=1e-4, rtol=1e-5)
 
 
 def test_rank0_holds_only_its_shard(pair):
