@@ -7,7 +7,10 @@ The engine owns the pieces and wires them in one direction: the scheduler (queue
 preemption) asks `RoundLayouts` (the plans the collector made) to lay out round requests at
 admission; the runner turns a step's chunks into one forward pass of the model; after the step
 the engine keeps what later rounds reuse of each finished request (a producer's output as next
-round's master, a persistent agent's cache), then the scheduler frees the rest.
+round's master, a persistent agent's cache), then the scheduler frees the rest. The forward, the
+collector's scoring and the `pic` copies all go through one executor (executor.py), the only
+part that touches the model and the KV tensors; under tensor parallelism `make_executor` gives
+rank 0's, which replays each call on every rank.
 
 One call (a `generate` or `run_round`) is in flight at a time. Its call-scoped state (its
 requests, the aborts asked for them, when each prompt finished prefilling) lives in one `Call`
