@@ -65,11 +65,11 @@ class LLM:
     check_layer=1            the layer whose key deviation ranks the blocks to recompute
     selection="collective"   score each shared block once per round, or "per_agent" (pic always is)
     tensor_parallel_size=1   split the model over this many ranks (Megatron tensor parallelism):
-                             worker processes on this machine, GPUs on CUDA (NCCL) or CPU processes
-                             (gloo); same tokens as one device. Call `shutdown()` to stop them (GC
-                             and interpreter exit do too). Guard a script with
-                             `if __name__ == "__main__":` (workers are spawned). Under torchrun,
-                             every rank runs the script and ranks > 0 exit inside `LLM(...)`.
+                             GPUs over NCCL on CUDA, processes over gloo on CPU; the same tokens
+                             as one device. Ranks 1..N-1 are spawned worker processes, so guard a
+                             script with `if __name__ == "__main__":`; `shutdown()` stops them
+                             (garbage collection and exit do too). Under torchrun every rank runs
+                             the script, and on ranks > 0 `LLM(...)` serves rank 0, then exits.
 
     Seams for experiments: `model` may be an already-loaded `CausalLM` (pass `tokenizer` too,
     or None for token-id prompts only); `sampler(logits, seqs) -> tokens` replaces the sampler;

@@ -10,7 +10,8 @@ q/k RMSNorm, head_dim 32 so that heads x head_dim != hidden size):
 - a `run_round` under `tokendance` gives the same tokens over two rounds (standalone masters
   of shared token blocks in the first, producer masters of the first round's outputs in the
   second) at recompute_ratio 1.0 and at the default ratio (whose recompute choice scores key
-  deviations on each rank's heads and sums them); so does `pic` (dense re-rotated copies);
+  deviations on each rank's heads and sums them), a persistent agent's kept cache included; so
+  does `pic` (dense re-rotated copies);
 - the collector's key deviations (each rank scores its own KV heads, the sums are added, a
   replicated head counted once) equal one device's within fp32 tolerance;
 - rank 0 holds only its shard: half the query heads, its KV heads, half the MLP, its rows of the
@@ -99,13 +100,21 @@ def test_generate_gives_the_same_tokens(pair):
 
 
 def rounds(llm: LLM, pair: Pair) -> list[list[int]]:
-    """Two rounds of three agents: a shared token block, then each other's outputs, shared."""
+    """Two rounds of three agents: a shared token block, then each other's outputs, shared.
+
+    Agent 0 is persistent: its second prompt extends its first prompt and output, so its kept
+    cache serves that part."""
     personas = [pair.ids(5 + 4 * i, 100 + i) for i in range(3)]
     common, task = pair.ids(19, 200), pair.ids(4, 201)
-    first = llm.run_round([[personas[i], Shared(common), task] for i in range(3)], greedy(6), use_tqdm=False)
-    second = llm.run_round([[personas[i], *[Shared(first[j]) for j in range(3) if j != i], task] for i in range(3)],
-                           greedy(6), use_tqdm=False)
+    agents = ["keeper", None, None]
+    first = llm.run_round([[personas[i], Shared(common), task] for i in range(3)], greedy(6), agents=agents,
+                          use_tqdm=False)
+    kept = personas[0] + common + task + list(first[0].token_ids)
+    heads = [kept, personas[1], personas[2]]
+    second = llm.run_round([[heads[i], *[Shared(first[j]) for j in range(3) if j != i], task] for i in range(3)],
+                           greedy(6), agents=agents, use_tqdm=False)
     llm.release_round_outputs()
+    llm.release_agent("keeper")
     return [o.token_ids for o in (*first, *second)]
 
 

@@ -12,7 +12,8 @@ Specification:
 - impossible splits are refused before any process starts or any weight loads, with the sizes
   that would work in the message: query heads not divisible, KV heads neither divisible nor a
   divisor, intermediate size not divisible, more ranks than GPUs; a size below 1 and an
-  already-loaded model are refused too.
+  already-loaded model are refused too; the command line's `--tensor-parallel-size` gets the
+  same refusal, as its one error line.
 """
 from __future__ import annotations
 
@@ -182,3 +183,12 @@ def test_refused_before_anything_starts(tmp_path, folder):
     loaded = load_model(folder, ModelConfig.from_folder(folder), torch.float32)
     with pytest.raises(RequestError, match="needs a model folder"):
         LLM(loaded, tokenizer=None, tensor_parallel_size=2)
+
+
+def test_the_command_line_flag_reaches_the_split_check(tmp_path, capsys):
+    from nanodance.tools.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config("llama").to_dict()))
+    assert main(["generate", "hi", "--model", str(tmp_path), "--tensor-parallel-size", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: tensor_parallel_size=3 does not divide the model's 4 attention heads")
