@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     from nanodance.config import ModelConfig
     from nanodance.engine_config import EngineConfig
 
+    given_model = args.model
     if args.model is None:
         from nanodance.tools.prepare import default_model_dir
         args.model = default_model_dir()
@@ -144,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         row["prefill_speedup"] = row["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
         row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
 
-    resolved = ["--model", str(args.model), "--tp", ",".join(map(str, sizes)), "--dtype", args.dtype,
-                "--batch", str(args.batch), "--prompt-tokens", str(args.prompt_tokens),
-                "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats)]
+    resolved = ["--model", str(given_model)] if given_model else []  # none: the default model
+    resolved += ["--tp", ",".join(map(str, sizes)), "--dtype", args.dtype, "--batch", str(args.batch),
+                 "--prompt-tokens", str(args.prompt_tokens), "--max-tokens", str(args.max_tokens),
+                 "--repeats", str(args.repeats)]
     if args.device:
         resolved += ["--device", args.device]
     command = "python bench/tp.py " + shlex.join(resolved)
