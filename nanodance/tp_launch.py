@@ -17,7 +17,9 @@ Faults: before each call rank 0 checks its workers are alive; a collective that 
 connection is noticed at once; an NCCL collective also fails after `TIMEOUT_S`) or any exception
 during a call (Ctrl-C included: the ranks would no longer be in step) shuts every worker down
 and raises `WorkerDiedError` naming the dead rank, or `TensorParallelError`. Later calls raise
-`TensorParallelError`: the LLM cannot run the model again.
+`TensorParallelError`: the LLM cannot run the model again. Not detected: a worker that hangs
+while alive, on CPU (gloo waits have no deadline, so that workers may idle between calls for as
+long as rank 0 does).
 """
 from __future__ import annotations
 
