@@ -7,6 +7,8 @@ Specification:
   nothing, and later calls raise `TensorParallelError` instead of touching the dead group;
 - Ctrl-C in the middle of a call (the ranks are then out of step) shuts the workers down and
   stays a KeyboardInterrupt; later calls raise `TensorParallelError`;
+- a checkpoint that cannot be loaded fails the start with its `ModelLoadError`, and no worker
+  process nor process group is left behind;
 - a garbage-collected LLM shuts its workers down; after `shutdown()` a call raises
   `TensorParallelError`, and a new tensor-parallel LLM can start in the same process;
 - impossible splits are refused before any process starts or any weight loads, with the sizes
@@ -192,3 +194,22 @@ def test_the_command_line_flag_reaches_the_split_check(tmp_path, capsys):
     assert main(["generate", "hi", "--model", str(tmp_path), "--tensor-parallel-size", "3"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: tensor_parallel_size=3 does not divide the model's 4 attention heads")
+
+
+def test_a_broken_checkpoint_fails_the_start_and_leaves_nothing_running(tmp_path, folder):
+    from safetensors.torch import load_file, save_file
+
+    from nanodance.errors import ModelLoadError
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in folder.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, broken / "model.safetensors")
+    with deadline():
+        with pytest.raises(ModelLoadError, match="down_proj"):
+            start(broken)
+    assert multiprocessing.active_children() == []
+    assert not torch.distributed.is_initialized()
