@@ -28,7 +28,9 @@ round's standalone masters. It releases them itself (`release_outputs`, `end_rou
 `release_idle` under memory pressure).
 
 Shapes: reference forwards take input_ids int64 [T] over a scratch `KVCache` of `check_layer`
-layers; deviations come back fp32 per token of the segment.
+layers; deviations come back fp32 per token of the segment. The collector runs no model itself:
+all scoring of a round is one `Executor.key_deviations` call (executor.py), which tensor
+parallelism replays on every rank.
 """
 from __future__ import annotations
 
@@ -41,12 +43,11 @@ import torch
 
 from nanodance import kernels
 from nanodance.agents import AgentCache
-from nanodance.attention_metadata import build_metadata
-from nanodance.cache import BlockPool, KVCache, View
+from nanodance.cache import BlockPool, View
 from nanodance.engine_config import EngineConfig
+from nanodance.executor import DeviationQuery, Executor
 from nanodance.layout import AgentPlan, plan_agent
 from nanodance.masters import Master
-from nanodance.model import CausalLM
 from nanodance.segments import SharedSpan
 from nanodance.sequence import Sequence
 
@@ -91,47 +92,12 @@ def needs_scoring(cfg: EngineConfig) -> bool:
     return cfg.recompute_scheme != "first" and 0 < cfg.recompute_ratio < 1
 
 
-@torch.inference_mode()
-def reference_keys(model: CausalLM, prompts: list[list[int]], check_layer: int, block_size: int,
-                   dtype: torch.dtype, device) -> list[torch.Tensor]:
-    """Exact keys [n_i, Hkv, D] of layer `check_layer` for each prompt, from one batched forward
-    of the first `check_layer` layers over a scratch cache (the pool is not touched)."""
-    cfg = model.config
-    lens = [len(p) for p in prompts]
-    blocks_each = [math.ceil(n / block_size) for n in lens]
-    scratch = KVCache.allocate(max(check_layer, 1), sum(blocks_each), block_size, cfg.num_kv_heads, cfg.head_dim,
-                               dtype, device)
-    rows, slots, first = [], [], 0
-    for n, nb in zip(lens, blocks_each):
-        rows.append([(first + j, 0, min(block_size, n - j * block_size), j * block_size, 0) for j in range(nb)])
-        slots.extend(first * block_size + p for p in range(n))
-        first += nb
-    meta = build_metadata(rows, [range(n) for n in lens], block_size, device, slots)
-    positions = meta.q_pos.long()
-    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=device)
-    hidden = model(ids, positions, meta, scratch.layers, num_layers=check_layer)
-    keys = model.layer_keys(check_layer, hidden, positions)
-    return list(keys.split(lens))
-
-
-def span_deviation(k_fresh: torch.Tensor, span: SharedSpan, master: Master, pool: BlockPool, kv: KVCache,
-                   check_layer: int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Per-token key deviation fp32 [span.length] of the master's keys placed at the span's positions."""
-    device = k_fresh.device
-    src = torch.tensor(master.slots(pool.block_size), dtype=torch.int64, device=device)
-    delta = torch.tensor([span.start + i - kp for i, kp in enumerate(master.key_positions(pool)[:span.length])],
-                         dtype=torch.int32, device=device)
-    k_cache = kv.layers[check_layer][0]
-    return kernels.key_deviation(k_fresh[span.start:span.end], k_cache, src[:span.length], delta, inv_freq)
-
-
 class Collector:
     """Per-engine collector state: pinned producer outputs, the round's masters and plans, counters."""
 
-    def __init__(self, cfg: EngineConfig, model: CausalLM, pool: BlockPool, kv: KVCache, dtype: torch.dtype,
-                 device: torch.device):
-        self.cfg, self.model, self.pool, self.kv = cfg, model, pool, kv
-        self.dtype, self.device = dtype, device
+    def __init__(self, cfg: EngineConfig, executor: Executor, pool: BlockPool):
+        self.cfg, self.executor, self.pool = cfg, executor, pool
+        self.model_config = executor.model.config
         self.block_size = pool.block_size
         self.counters = CollectorCounters()
         self.outputs: dict[int, Master] = {}  # request id -> its output's KV (producer master candidates)
@@ -177,7 +143,7 @@ class Collector:
         """
         t0 = time.perf_counter()
         self._planning, self._masters, self._to_prefill = True, {}, {}
-        bos = self.model.config.bos_token_id
+        bos = self.model_config.bos_token_id
         for spans in spans_per_agent:
             for span in spans:
                 if span.key in self._masters or span.key in self._to_prefill:
@@ -279,23 +245,35 @@ class Collector:
         if not pairs:
             return {}
         agents = sorted({a for a, _ in pairs})
-        keys = reference_keys(self.model, [prompts[a] for a in agents], cfg.check_layer, bs, self.dtype, self.device)
+        row = {a: k for k, a in enumerate(agents)}
+        queries = {pair: self._query(row[pair[0]], spans_per_agent[pair[0]][pair[1]]) for pair in pairs}
+        asked = [pair for pair in pairs if queries[pair] is not None]
+        devs = self.executor.key_deviations([prompts[a] for a in agents], cfg.check_layer, bs,
+                                            [queries[pair] for pair in asked])
+        found = dict(zip(asked, devs))
         self.counters.reference_tokens += sum(len(prompts[a]) for a in agents)
         self.counters.reference_token_layers += sum(len(prompts[a]) for a in agents) * max(cfg.check_layer, 1)
-        fresh = dict(zip(agents, keys))
-        chosen_by_pair = {pair: self._score(fresh[pair[0]], spans_per_agent[pair[0]][pair[1]]) for pair in pairs}
+        chosen_by_pair = {}
+        for a, i in pairs:
+            span = spans_per_agent[a][i]
+            dev = torch.zeros(span.length, dtype=torch.float32)
+            if (a, i) in found:
+                dev[:len(found[(a, i)])] = found[(a, i)]
+            self.counters.scored_segments += 1
+            chosen_by_pair[(a, i)] = select_offsets(span.length, cfg.recompute_ratio, cfg.recompute_scheme, bs, dev)
         return {(a, i): chosen_by_pair[(a, i) if cfg.per_agent_selection else scored[s.key]]
                 for a, spans in enumerate(spans_per_agent) for i, s in enumerate(spans)}
 
-    def _score(self, k_fresh: torch.Tensor, span: SharedSpan) -> list[int]:
-        """The offsets of `span` to recompute, by key deviation in the context `k_fresh` came from."""
-        cfg, bs = self.cfg, self.block_size
+    def _query(self, prompt: int, span: SharedSpan) -> DeviationQuery | None:
+        """Score `span`'s master keys in prompt `prompt`'s context; None if it has no K/V yet.
+
+        A producer master lacks K/V for its last token (never fed back): those offsets score 0
+        and are recomputed anyway.
+        """
         master = self._masters[span.key]
-        n_have = master.num_tokens_with_kv
-        dev = torch.zeros(span.length, dtype=torch.float32)
-        if n_have:
-            part = SharedSpan(span.start, span.start + n_have, span.key[:n_have])
-            dev[:n_have] = span_deviation(k_fresh, part, master, self.pool, self.kv, cfg.check_layer,
-                                          self.model.inv_freq).cpu()
-        self.counters.scored_segments += 1
-        return select_offsets(span.length, cfg.recompute_ratio, cfg.recompute_scheme, bs, dev)
+        n = master.num_tokens_with_kv
+        if not n:
+            return None
+        src = master.slots(self.block_size)[:n]
+        frames = master.key_positions(self.pool)[:n]
+        return DeviationQuery(prompt, span.start, tuple(src), tuple(span.start + i - kp for i, kp in enumerate(frames)))

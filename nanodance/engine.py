@@ -7,7 +7,10 @@ The engine owns the pieces and wires them in one direction: the scheduler (queue
 preemption) asks `RoundLayouts` (the plans the collector made) to lay out round requests at
 admission; the runner turns a step's chunks into one forward pass of the model; after the step
 the engine keeps what later rounds reuse of each finished request (a producer's output as next
-round's master, a persistent agent's cache), then the scheduler frees the rest.
+round's master, a persistent agent's cache), then the scheduler frees the rest. The forward, the
+collector's scoring and the `pic` copies all go through one executor (executor.py), the only
+part that touches the model and the KV tensors; under tensor parallelism `make_executor` gives
+rank 0's, which replays each call on every rank.
 
 One call (a `generate` or `run_round`) is in flight at a time. Its call-scoped state (its
 requests, the aborts asked for them, when each prompt finished prefilling) lives in one `Call`
@@ -35,8 +38,9 @@ from nanodance.auto_shared import OutputIndex
 from nanodance.cache import BlockPool, KVCache, View
 from nanodance.collector import Collector
 from nanodance.config import ModelConfig
-from nanodance.engine_config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
+from nanodance.engine_config import EngineConfig
 from nanodance.errors import CapacityError, RequestError
+from nanodance.executor import Executor
 from nanodance.layout import RoundLayouts
 from nanodance.model import CausalLM
 from nanodance.progress import Progress
@@ -106,29 +110,35 @@ class Call:
     held: list[Sequence] = field(default_factory=list)  # samples 2..n waiting for their first's prefill
 
 
+ExecutorFactory = Callable[[CausalLM, KVCache], Executor]  # Executor, or tensor parallelism's rank-0 driver
+
+
 class Engine:
-    def __init__(self, cfg: EngineConfig, model: CausalLM, tokenizer, sampler: Sampler = default_sampler):
+    def __init__(self, cfg: EngineConfig, model: CausalLM, tokenizer, sampler: Sampler = default_sampler,
+                 make_executor: ExecutorFactory = Executor):
         self.cfg = cfg
         self.model = model
         self.tokenizer = tokenizer
         self.model_config: ModelConfig = model.config
         mc = self.model_config
         self.dtype, self.device = cfg.torch_dtype(), cfg.torch_device()
-        self.block_bytes = KVCache.bytes_per_block(mc.num_layers, cfg.block_size, mc.num_kv_heads, mc.head_dim,
+        # model.kv_heads: all KV heads on one device, this rank's under tensor parallelism (bytes per rank).
+        self.block_bytes = KVCache.bytes_per_block(mc.num_layers, cfg.block_size, model.kv_heads, mc.head_dim,
                                                    self.dtype)
-        num_blocks = cfg.kv_cache_blocks or max(1, (cfg.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY) // self.block_bytes)
+        num_blocks = cfg.num_kv_blocks(self.block_bytes)
         # Every mode but "none" keeps vLLM-style prefix caching of exact leading blocks.
         self.pool = BlockPool(num_blocks, cfg.block_size, enable_prefix_caching=cfg.reuse != "none")
-        self.kv_cache = KVCache.allocate(mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim,
+        self.kv_cache = KVCache.allocate(mc.num_layers, num_blocks, cfg.block_size, model.kv_heads, mc.head_dim,
                                          self.dtype, self.device)
+        # Everything that runs the model or touches KV tensors goes through the executor.
+        self.executor = make_executor(model, self.kv_cache)
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
-        self.collector = (Collector(cfg, model, self.pool, self.kv_cache, self.dtype, self.device)
-                          if cfg.uses_collector else None)
-        self.layouts = RoundLayouts(self.pool, self.kv_cache, model.inv_freq)
+        self.collector = Collector(cfg, self.executor, self.pool) if cfg.uses_collector else None
+        self.layouts = RoundLayouts(self.pool, self.executor)
         eos = set(mc.eos_token_ids) | (set(tokenizer.eos_token_ids) if tokenizer else set())
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens, eos,
                                    layouts=self.layouts)
-        self.runner = ModelRunner(model, self.kv_cache, self.pool, self.device, sampler)
+        self.runner = ModelRunner(self.executor, self.pool, self.device, sampler)
         self.agents = AgentCaches(self.pool)
         # Recent outputs, to find in later prompts (used when cfg.finds_shared; kept either way so
         # that `auto_shared` can be switched on by reconfigure).

@@ -50,6 +50,7 @@ class EngineConfig:
     auto_shared: bool = True  # pic/tokendance: find recent outputs in prompts and share them (auto_shared.py)
     auto_shared_min_tokens: int | None = None  # shortest run shared automatically; None: block_size
     auto_shared_outputs: int = 256  # recent outputs indexed for auto_shared
+    tensor_parallel_size: int = 1  # ranks the model is split over (parallel.py); 1 = this process only
 
     def __post_init__(self) -> None:
         self.validate()
@@ -57,7 +58,8 @@ class EngineConfig:
     def validate(self) -> None:
         """Raise RequestError naming the first bad option; nothing has been built yet."""
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_blocks", "kv_cache_memory",
-                     "max_model_len", "auto_standalone_tokens", "auto_shared_min_tokens", "auto_shared_outputs"):
+                     "max_model_len", "auto_standalone_tokens", "auto_shared_min_tokens", "auto_shared_outputs",
+                     "tensor_parallel_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise RequestError(f"{name} must be a positive int, got {value!r}")
@@ -79,6 +81,11 @@ class EngineConfig:
     def validate_for_model(self, num_layers: int) -> None:
         if self.uses_collector and not self.check_layer < num_layers:
             raise RequestError(f"check_layer must be in [0, {num_layers}), got {self.check_layer}")
+
+    def num_kv_blocks(self, block_bytes: int) -> int:
+        """The pool size in blocks, for blocks of `block_bytes` (per rank under tensor parallelism,
+        so `kv_cache_memory` is a budget per device and N ranks hold N times the KV heads' room)."""
+        return self.kv_cache_blocks or max(1, (self.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY) // block_bytes)
 
     def torch_dtype(self) -> torch.dtype:
         dtype = self.dtype

@@ -12,6 +12,8 @@ any of them the engine stays usable and holds no block for the failed call.
     │   └── TokenizerError             tokenizer.json or chat template unusable (tokenizer.py)
     ├── RequestError (ValueError)      prompts, sampling params, rounds, engine options
     ├── CapacityError (RuntimeError)   shared blocks whose masters cannot be prefilled
+    ├── TensorParallelError (RuntimeError)  the tensor-parallel group failed or was shut down (tp_launch.py)
+    │   └── WorkerDiedError            a worker rank's process died; the others were shut down
     └── PrepareError (RuntimeError)    preparing the default model failed (tools/prepare.py)
         └── ModelPackageUnavailable    the GGUF is neither installed nor downloadable
 
@@ -36,6 +38,16 @@ class RequestError(NanodanceError, ValueError):
 
 class CapacityError(NanodanceError, RuntimeError):
     """The KV pool cannot hold what a request or a round's shared blocks need; the message says what to raise."""
+
+
+class TensorParallelError(NanodanceError, RuntimeError):
+    """The tensor-parallel group cannot serve: a collective failed, or the group was shut down.
+
+    The workers are shut down when it is raised; the LLM cannot run the model again (make a new one)."""
+
+
+class WorkerDiedError(TensorParallelError):
+    """A tensor-parallel worker process died; the message names its rank and how it ended."""
 
 
 class ConfigError(ModelLoadError):

@@ -4,7 +4,7 @@ The collector decides per round *what* each agent reuses; this module turns that
 agent's *views*, once, when the scheduler admits its request.
 
     plan_agent(n, spans, masters, offsets, ...) -> AgentPlan   positions -> runs
-    lay_out(seq, plan, pool, kv, inv_freq) -> bool              runs -> views (+ copies)
+    lay_out(seq, plan, pool, executor) -> bool                  runs -> views (+ copies, run by the executor)
     RoundLayouts: the plans of the call in flight by sequence id; the scheduler's LayoutSource
 
 A run is a range of prompt positions with one source:
@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from nanodance import kernels
 from nanodance.agents import AgentCache
-from nanodance.cache import BlockPool, KVCache, View
+from nanodance.cache import BlockPool, View
 from nanodance.errors import NoFreeBlocks
+from nanodance.executor import Executor
 from nanodance.masters import Master
 from nanodance.segments import SharedSpan
 from nanodance.sequence import Sequence
@@ -109,7 +109,7 @@ def plan_agent(n: int, spans: list[SharedSpan], masters: dict[tuple, Master],
     return AgentPlan(runs, sorted(set(recompute)), prefix_len, own)
 
 
-def lay_out(seq: Sequence, plan: AgentPlan, pool: BlockPool, kv: KVCache, inv_freq: torch.Tensor) -> bool:
+def lay_out(seq: Sequence, plan: AgentPlan, pool: BlockPool, executor: Executor) -> bool:
     """Give `seq` its views per `plan` (ref masters, allocate private blocks, copy); False if the pool is short.
 
     Cached blocks of the exact leading private prefix are reused first (prefix caching).
@@ -148,11 +148,10 @@ def lay_out(seq: Sequence, plan: AgentPlan, pool: BlockPool, kv: KVCache, inv_fr
         seq.block_hashes, seq.num_hashed_blocks = [], 0
         return False
     if copies:
-        src_slots = torch.tensor([c[0] for c in copies], dtype=torch.int64, device=kv.layers[0][0].device)
-        dst_slots = torch.tensor([c[1] for c in copies], dtype=torch.int64, device=src_slots.device)
-        delta = torch.tensor([c[2] for c in copies], dtype=torch.int32, device=src_slots.device)
-        for k_cache, v_cache in kv.layers:
-            kernels.rotate_copy(k_cache, v_cache, src_slots, dst_slots, delta, inv_freq)
+        src_slots = torch.tensor([c[0] for c in copies], dtype=torch.int64, device=executor.device)
+        dst_slots = torch.tensor([c[1] for c in copies], dtype=torch.int64, device=executor.device)
+        delta = torch.tensor([c[2] for c in copies], dtype=torch.int32, device=executor.device)
+        executor.rotate_copy(src_slots, dst_slots, delta)
     n = seq.num_prompt_tokens
     computed = [p for p in plan.computed_positions if p >= cached]
     seq.pending = computed + list(range(n, seq.num_tokens))
@@ -215,8 +214,8 @@ def _copies(run: Run, views: list[View], pool: BlockPool) -> list[tuple[int, int
 class RoundLayouts:
     """The plans of the call in flight, by sequence id: what the scheduler asks at admission."""
 
-    def __init__(self, pool: BlockPool, kv: KVCache, inv_freq: torch.Tensor):
-        self.pool, self.kv, self.inv_freq = pool, kv, inv_freq
+    def __init__(self, pool: BlockPool, executor: Executor):
+        self.pool, self.executor = pool, executor
         self.plans: dict[int, AgentPlan] = {}
 
     def lay_out(self, seq: Sequence) -> bool | None:
@@ -224,7 +223,7 @@ class RoundLayouts:
         plan = self.plans.get(seq.seq_id)
         if plan is None:
             return None
-        return lay_out(seq, plan, self.pool, self.kv, self.inv_freq)
+        return lay_out(seq, plan, self.pool, self.executor)
 
     def masters_needed(self, unfinished: set[int]) -> set[int]:
         """ids of the masters that the plans of unfinished requests read."""

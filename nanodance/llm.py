@@ -22,6 +22,7 @@ whole call and propagates.
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any, Hashable, Iterable, Iterator, Sequence as Seq
 
@@ -68,6 +69,12 @@ class LLM:
     auto_shared=True         pic/tokendance: find recent outputs in prompts and share them unmarked
     auto_shared_min_tokens=None   shortest run shared automatically (None: block_size)
     auto_shared_outputs=256  recent outputs kept indexed for auto_shared
+    tensor_parallel_size=1   split the model over this many ranks (Megatron tensor parallelism):
+                             GPUs over NCCL on CUDA, processes over gloo on CPU; the same tokens
+                             as one device. Ranks 1..N-1 are spawned worker processes, so guard a
+                             script with `if __name__ == "__main__":`; `shutdown()` stops them
+                             (garbage collection and exit do too). Under torchrun every rank runs
+                             the script, and on ranks > 0 `LLM(...)` serves rank 0, then exits.
 
     Seams for experiments: `model` may be an already-loaded `CausalLM` (pass `tokenizer` too,
     or None for token-id prompts only); `sampler(logits, seqs) -> tokens` replaces the sampler;
@@ -77,8 +84,12 @@ class LLM:
     def __init__(self, model: str | Path | CausalLM | None = None, *, tokenizer: Any = None,
                  sampler: Sampler = default_sampler, config: EngineConfig | None = None, **options):
         self.engine_config = cfg = (config or EngineConfig()).with_options(**options)
+        self._tp = None  # the tensor-parallel group (tp_launch.TPGroup) when tensor_parallel_size > 1
         if isinstance(model, CausalLM):
             self.model_path = None
+            if cfg.tensor_parallel_size > 1:
+                raise RequestError("tensor_parallel_size > 1 needs a model folder (each rank loads its own shard), "
+                                   "not an already-loaded CausalLM")
             self.engine_config = cfg = _fit_injected(model, cfg)
             self.engine = Engine(cfg, model, tokenizer, sampler)
         else:
@@ -91,8 +102,11 @@ class LLM:
             if tokenizer is None:
                 tokenizer = _load_tokenizer(self.model_path)
             from nanodance.weights import load_model
-            loaded = load_model(self.model_path, model_config, cfg.torch_dtype(), cfg.torch_device())
-            self.engine = Engine(cfg, loaded, tokenizer, sampler)
+            if cfg.tensor_parallel_size > 1:
+                self.engine = self._start_tensor_parallel(model_config, cfg, tokenizer, sampler)
+            else:
+                loaded = load_model(self.model_path, model_config, cfg.torch_dtype(), cfg.torch_device())
+                self.engine = Engine(cfg, loaded, tokenizer, sampler)
         e = self.engine
         # The engine's parts, for reading (tests, benchmarks, the curious): not a second API.
         self.model, self.tokenizer, self.config = e.model, e.tokenizer, e.model_config
@@ -101,6 +115,31 @@ class LLM:
         self.dtype, self.device, self.block_bytes, self.reuse = e.dtype, e.device, e.block_bytes, cfg.reuse
         self.max_model_len = e.max_model_len
         self.round_history = e.round_history
+
+    def _start_tensor_parallel(self, model_config: ModelConfig, cfg: EngineConfig, tokenizer, sampler) -> Engine:
+        """Start the worker ranks, load rank 0's shard, and build the engine on the group's executor."""
+        from nanodance.parallel import check_split
+        from nanodance.tp_launch import TPGroup
+        from nanodance.weights import load_model
+
+        check_split(model_config, cfg.tensor_parallel_size, cfg.torch_device())  # before any process starts
+        group = TPGroup.start(self.model_path, model_config, cfg)
+        self._tp = group
+        # Not a method of self: the finalizer must not keep this LLM alive.
+        weakref.finalize(self, group.shutdown, True, "the LLM was garbage-collected")
+        try:
+            loaded = load_model(self.model_path, model_config, cfg.torch_dtype(), group.device, group.tp)
+            group.wait_ready()
+            return Engine(cfg, loaded, tokenizer, sampler, make_executor=group.executor)
+        except BaseException:
+            group.shutdown(healthy=False, reason="start-up failed")
+            raise
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (nothing to do on one device). The LLM cannot
+        run the model afterwards; it is also done when the LLM is garbage-collected and at exit."""
+        if self._tp is not None:
+            self._tp.shutdown(reason="LLM.shutdown() was called")
 
     # ------------------------------------------------------------------ calls
 

@@ -14,6 +14,12 @@ gate/up projections are fused at load time (one matmul each); Qwen2 adds q/k/v b
 a per-head RMSNorm on q and k.
 RoPE follows transformers exactly (cos/sin computed in fp32, cast to the activation dtype),
 so logits match `transformers` bit for bit on the same weights and dtype.
+
+Under tensor parallelism (`tp`, parallel.py) each rank builds only its shard: its query and KV
+heads (so `kv_caches` hold `Hkv = len(tp.kv_heads(cfg))` heads), its part of the intermediate
+size and of the vocabulary; o_proj, down_proj and the embedding end in an all-reduce, and
+`compute_logits` gathers the vocabulary parts on rank 0 (None on the other ranks). With the
+default `SINGLE` nothing changes and no collective runs.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from torch import nn
 from nanodance import kernels
 from nanodance.attention_metadata import AttentionMetadata
 from nanodance.config import ModelConfig, rope_inv_freq
+from nanodance.parallel import SINGLE, TensorParallel
 
 
 class RMSNorm(nn.Module):
@@ -41,11 +48,13 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.tp = tp
+        self.num_heads, self.num_kv_heads = len(tp.q_heads(cfg)), len(tp.kv_heads(cfg))  # this rank's
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
@@ -67,28 +76,29 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = kernels.paged_attention(q, k_cache, v_cache, meta, inv_freq, self.scale)  # [T, Hq, D]
-        return self.o_proj(out.reshape(T, self.q_size))
+        return self.tp.all_reduce(self.o_proj(out.reshape(T, self.q_size)))  # row-parallel: sum the ranks' parts
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.tp = tp
+        self.intermediate_size = len(tp.split(cfg.intermediate_size))  # this rank's part
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(self.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def forward(self, x, rope, meta, kv_cache, inv_freq):
         x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv_cache, inv_freq)
@@ -98,13 +108,17 @@ class DecoderLayer(nn.Module):
 class CausalLM(nn.Module):
     """Embedding -> decoder layers -> final norm; `compute_logits` applies the LM head."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.tp = tp
+        self.vocab_rows = tp.vocab(cfg.vocab_size)  # this rank's rows of the embedding and the LM head
+        self.kv_heads = len(tp.kv_heads(cfg))  # KV heads this model's caches hold
+        self.embed_tokens = nn.Embedding(len(self.vocab_rows), cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = (None if cfg.tie_word_embeddings
+                        else nn.Linear(cfg.hidden_size, len(self.vocab_rows), bias=False))
         # fp32 [D/2], with rope scaling applied; a buffer so .to(device) moves it, kept fp32
         # by `_apply` below (the query rotation by view deltas needs exact frequencies).
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -121,7 +135,7 @@ class CausalLM(nn.Module):
         `num_layers` stops early and returns the residual stream un-normalized; the KV
         collector uses it to compute fresh keys of the first layers only.
         """
-        x = self.embed_tokens(input_ids)
+        x = self._embed(input_ids)
         cos, sin = self._rope(positions, x.dtype)  # [T, 1, D] each
         k_cos, k_sin = (cos, sin) if meta.k_pos is None else self._rope(meta.k_pos, x.dtype)
         layers = self.layers if num_layers is None else self.layers[:num_layers]
@@ -129,13 +143,25 @@ class CausalLM(nn.Module):
             x = layer(x, (cos, sin, k_cos, k_sin), meta, kv_cache, self.inv_freq)
         return x if num_layers is not None else self.norm(x)
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.tp.active:
+            return self.embed_tokens(input_ids)
+        # Vocab-parallel: each rank embeds the ids in its rows, zeros elsewhere; the sum is exact
+        # because exactly one rank contributes a non-zero row per token.
+        lo, n = self.vocab_rows.start, len(self.vocab_rows)
+        local = input_ids - lo
+        mine = (local >= 0) & (local < n)
+        x = self.embed_tokens(local.clamp(0, max(n - 1, 0))) * mine[:, None].to(self.embed_tokens.weight.dtype)
+        return self.tp.all_reduce(x)
+
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = kernels.rope_cos_sin(positions, self.inv_freq)
         return cos[:, None].to(dtype), sin[:, None].to(dtype)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """fp32 [N, vocab]; under tensor parallelism on rank 0 only (the others get None)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return self.tp.gather_vocab(F.linear(hidden, weight).float(), self.config.vocab_size)
 
     def layer_keys(self, layer_index: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotated keys [T, Hkv, D] that layer `layer_index` computes from its input residual."""

@@ -10,7 +10,8 @@ positions this step can see (a view's slots past the last query position are lef
 private blocks can be allocated whole and filled over several steps). Logits are computed only
 for the rows that sample, and a token is drawn for each by the runner's `sampler` (by default
 each request's `SamplingParams`; experiments may pass their own, e.g. to record log-probs or
-force tokens).
+force tokens). The forward itself is the executor's (executor.py), so that under tensor
+parallelism every rank runs it on its shard; sampling stays here, on rank 0.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from typing import Callable
 import torch
 
 from nanodance.attention_metadata import AttentionMetadata, ViewRow, build_metadata
-from nanodance.cache import BlockPool, KVCache
-from nanodance.model import CausalLM
+from nanodance.cache import BlockPool
+from nanodance.executor import Executor
 from nanodance.sampling import sample, token_logprobs
 from nanodance.sequence import ScheduledChunk, Sequence
 
@@ -33,10 +34,10 @@ def default_sampler(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache: KVCache, pool: BlockPool, device: torch.device,
+    def __init__(self, executor: Executor, pool: BlockPool, device: torch.device,
                  sampler: Sampler = default_sampler):
-        self.model = model
-        self.kv_cache = kv_cache
+        self.executor = executor
+        self.model, self.kv_cache = executor.model, executor.kv  # for reading
         self.pool = pool
         self.block_size = pool.block_size
         self.device = device
@@ -74,12 +75,11 @@ class ModelRunner:
     def run(self, chunks: list[ScheduledChunk]) -> list[int | None]:
         """One forward over the step's chunks; a token for each chunk that samples, else None."""
         input_ids, positions, meta = self.build_batch(chunks)
-        hidden = self.model(input_ids, positions, meta, self.kv_cache.layers)
         sampling = [k for k, c in enumerate(chunks) if c.sample]
+        last_rows = meta.cu_seqlens_q[1:].long() - 1
+        logits = self.executor.forward(input_ids, positions, meta, last_rows[sampling])
         tokens: list[int | None] = [None] * len(chunks)
         if sampling:
-            last_rows = meta.cu_seqlens_q[1:].long() - 1
-            logits = self.model.compute_logits(hidden[last_rows[sampling]])
             seqs = [chunks[k].seq for k in sampling]
             drawn = self.sampler(logits, seqs)
             for k, token in zip(sampling, drawn):

@@ -6,6 +6,11 @@ files it names, or every `*.safetensors`), mapping Hugging Face names onto our m
 names and shapes (`expected_shapes`) and the checks against it, and clear
 errors for a missing, truncated or mis-shaped tensor. Tensors are read one at a time and cast
 to the target dtype, so peak memory is about one model plus one tensor.
+
+Under tensor parallelism (`tp`, parallel.py) each rank reads only its shard of each tensor, as a
+slice of the file (`safe_open(...).get_slice(name)[rows]`): its q/k/v heads and gate/up rows
+(column-parallel), its o_proj and down_proj columns (row-parallel), its vocabulary rows; norms
+are read whole. No rank materializes the full model.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import torch
 from nanodance.config import ModelConfig
 from nanodance.errors import ModelLoadError
 from nanodance.model import CausalLM
+from nanodance.parallel import SINGLE, TensorParallel
 
 # Hugging Face per-layer name -> (our parameter, which slice of the fused tensor)
 _FUSED = {
@@ -88,19 +94,50 @@ def _target(name: str, model: CausalLM) -> tuple[torch.Tensor, slice | None]:
                 attn = model.layers[int(layer_prefix.split(".")[1])].self_attn
                 bounds = [0, attn.q_size, attn.q_size + attn.kv_size, attn.q_size + 2 * attn.kv_size]
             else:
-                n = model.config.intermediate_size
+                n = model.layers[int(layer_prefix.split(".")[1])].mlp.intermediate_size
                 bounds = [0, n, 2 * n]
             return fused, slice(bounds[part], bounds[part + 1])
     return params[local], None
 
 
-def load_model(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> CausalLM:
-    """Build `CausalLM` for `cfg` and fill it from the folder's safetensors (in `dtype`)."""
+def shard_index(name: str, cfg: ModelConfig, tp: TensorParallel) -> tuple[slice, ...] | None:
+    """The part of Hugging Face tensor `name` that rank `tp.rank` holds (None: all of it).
+
+    Column-parallel tensors are cut by rows (output features, biases too), row-parallel ones by
+    columns; each head's rows stay together, so a fused qkv shard is this rank's q, k and v heads.
+    """
+    if not tp.active:
+        return None
+    D = cfg.head_dim
+
+    def heads(r: range) -> slice:
+        return slice(r.start * D, r.stop * D)
+
+    def part(r: range) -> slice:
+        return slice(r.start, r.stop)
+
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (part(tp.vocab(cfg.vocab_size)),)
+    for suffix, index in ((".self_attn.q_proj.", (heads(tp.q_heads(cfg)),)),
+                          (".self_attn.k_proj.", (heads(tp.kv_heads(cfg)),)),
+                          (".self_attn.v_proj.", (heads(tp.kv_heads(cfg)),)),
+                          (".mlp.gate_proj.", (part(tp.split(cfg.intermediate_size)),)),
+                          (".mlp.up_proj.", (part(tp.split(cfg.intermediate_size)),)),
+                          (".self_attn.o_proj.", (slice(None), heads(tp.q_heads(cfg)))),
+                          (".mlp.down_proj.", (slice(None), part(tp.split(cfg.intermediate_size)))),):
+        if suffix in name:
+            return index
+    return None
+
+
+def load_model(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
+               tp: TensorParallel = SINGLE) -> CausalLM:
+    """Build `CausalLM` for `cfg` (this rank's shard under `tp`) and fill it from the folder's safetensors."""
     from safetensors import SafetensorError, safe_open
 
     folder = Path(folder)
     with torch.device("meta"):
-        model = CausalLM(cfg)
+        model = CausalLM(cfg, tp)
     model = model.to_empty(device=device).to(dtype)
     model.inv_freq = _rope_buffer(cfg, device)
     expected = expected_shapes(cfg)
@@ -115,14 +152,25 @@ def load_model(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, device:
                 for name in f.keys():
                     if name not in expected:
                         continue  # e.g. rotary inv_freq buffers some checkpoints carry
+                    index = shard_index(name, cfg, tp)
                     try:
-                        tensor = f.get_tensor(name)
+                        if index is None:
+                            tensor = f.get_tensor(name)
+                            shape = tuple(tensor.shape)
+                        else:  # read this rank's rows or columns only, after checking the whole shape
+                            part = f.get_slice(name)
+                            shape = tuple(part.get_shape())
                     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
                         raise ModelLoadError(f"cannot read tensor {name!r} from {path}: {e}") from None
-                    if tuple(tensor.shape) != expected[name]:
+                    if shape != expected[name]:
                         raise ModelLoadError(
-                            f"tensor {name!r} in {path.name} has shape {tuple(tensor.shape)}, but config.json "
+                            f"tensor {name!r} in {path.name} has shape {shape}, but config.json "
                             f"implies {expected[name]}: the weights do not belong to this config")
+                    if index is not None:
+                        try:
+                            tensor = part[index]
+                        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                            raise ModelLoadError(f"cannot read tensor {name!r} from {path}: {e}") from None
                     param, rows = _target(name, model)
                     (param if rows is None else param[rows]).copy_(tensor.to(dtype))
                     seen.add(name)

@@ -38,7 +38,7 @@ import pytest
 import torch
 
 from nanodance import LLM, SamplingParams, Shared, kernels
-from nanodance.collector import reference_keys
+from nanodance.executor import reference_keys
 from nanodance.errors import CapacityError, RequestError
 from nanodance.segments import encode_segments, is_segment_prompt
 from tiny_checkpoints import random_ids, write_tiny_checkpoint

@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="longest prompt + completion in tokens; default: the model's")
     generate.add_argument("--kv-cache-blocks", type=int, default=None,
                           help="KV cache size in blocks; default: sized from a memory budget")
+    generate.add_argument("--tensor-parallel-size", type=int, default=None,
+                          help="split the model over this many GPUs (or CPU processes); default 1")
     generate.set_defaults(run=_generate)
 
     serve = commands.add_parser("serve", help="serve the OpenAI API (chat and completions) over HTTP")
@@ -81,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--kv-cache-blocks", type=int, default=None)
     serve.add_argument("--max-num-seqs", type=int, default=None)
+    serve.add_argument("--tensor-parallel-size", type=int, default=None,
+                       help="split the model over this many GPUs (or CPU processes); default 1")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(run=_serve)
     return parser
@@ -102,7 +106,8 @@ def _generate(args) -> int:
 
     # Before the model loads: a typo in an option should not cost a model load to find out.
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
-    options = {"dtype": args.dtype, "max_model_len": args.max_model_len, "kv_cache_blocks": args.kv_cache_blocks}
+    options = {"dtype": args.dtype, "max_model_len": args.max_model_len, "kv_cache_blocks": args.kv_cache_blocks,
+               "tensor_parallel_size": args.tensor_parallel_size}
     llm = LLM(args.model, **{k: v for k, v in options.items() if v is not None})
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     [output] = llm.generate([prompt], params)
@@ -129,7 +134,8 @@ def _serve(args) -> int:
         return _fail("--admission-window-ms must be >= 0 and --max-waiting >= 1")
     options = {"dtype": args.dtype, "max_model_len": args.max_model_len, "kv_cache_blocks": args.kv_cache_blocks,
                "max_num_seqs": args.max_num_seqs, "reuse": args.reuse, "recompute_ratio": args.recompute_ratio,
-               "master": args.master, "auto_shared": args.auto_shared}
+               "master": args.master, "auto_shared": args.auto_shared,
+               "tensor_parallel_size": args.tensor_parallel_size}
     from nanodance.engine_config import EngineConfig
     EngineConfig().with_options(**{k: v for k, v in options.items() if v is not None})  # bad options: before loading
     llm = LLM(args.model, **{k: v for k, v in options.items() if v is not None})
