@@ -66,6 +66,16 @@ def idle(serving: ServingEngine, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
+def start_long_request(serving: ServingEngine):
+    """A 300-token request, once it runs (its first snapshot is in)."""
+    ticket = serving.submit(chat("Tell me a long story."), SamplingParams(max_tokens=300, ignore_eos=True))
+    deadline = time.monotonic() + 60
+    while not ticket.outputs:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return ticket
+
+
 def chat(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
@@ -265,11 +275,7 @@ def test_a_full_queue_is_refused_not_crashed(llm, server):
     idle(server[1])
     serving = ServingEngine(llm, admission_window=0, max_waiting=1)  # a second engine thread on the idle LLM
     try:
-        long = serving.submit(chat("Tell me a long story."), SamplingParams(max_tokens=300, ignore_eos=True))
-        deadline = time.monotonic() + 60
-        while not long.outputs:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        long = start_long_request(serving)
         queued = serving.submit(chat("Hi"), SamplingParams(max_tokens=2))
         with pytest.raises(CapacityError, match="already waiting"):
             serving.submit(chat("Hi"), SamplingParams(max_tokens=2))
@@ -287,11 +293,7 @@ def test_a_plain_request_joins_a_running_batch_and_finishes_first(llm, server):
     [alone] = llm.generate([hi], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
     serving = ServingEngine(llm, admission_window=0)
     try:
-        long = serving.submit(chat("Tell me a long story."), SamplingParams(max_tokens=300, ignore_eos=True))
-        deadline = time.monotonic() + 60
-        while not long.outputs:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        long = start_long_request(serving)
         short = serving.submit(hi, SamplingParams(temperature=0, max_tokens=6))
         [out] = short.wait(60)
         assert not long.done and serving.counters.joined == 1 and serving.counters.batches == 1
