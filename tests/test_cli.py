@@ -48,7 +48,7 @@ def test_a_bad_max_tokens_is_reported_before_the_model_loads(tmp_path, capsys):
     (["generate"], ["required", "prompt"]),
     (["generate", "hi", "--max-tokens", "many"], ["--max-tokens", "'many'"]),
     (["generate", "hi", "--dtype", "int4"], ["--dtype", "int4"]),
-    (["serve"], ["invalid choice", "'serve'"]),
+    (["serv"], ["invalid choice", "'serv'"]),
 ])
 def test_a_bad_command_line_is_one_line(capsys, argv, words):
     assert main(argv) == 1
