@@ -59,7 +59,12 @@ class LLM:
                              round's decode, no prefill), "standalone" (prefilled on its own;
                              better for long blocks of about 100 tokens or more), or "auto":
                              standalone for blocks of `auto_standalone_tokens` (64) or more,
-                             producer below
+                             producer below, or "agent" (the paper's Master): reference agents,
+                             picked greedily by the shared tokens they hold, are prefilled
+                             exactly first and their shared blocks are everyone's masters;
+                             blocks no reference holds follow "auto"
+    reference_min_new=0.5    "agent": a further reference must bring masters for at least this
+                             share of its shared tokens
     master_sink=True         prefill standalone masters behind a bos sink token (dropped after)
     check_layer=1            the layer whose key deviation ranks the blocks to recompute
     selection="collective"   score each shared block once per round, or "per_agent" (pic always is)
