@@ -140,6 +140,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                          "all of " + ",".join(main_key(c) for c in MAIN_CONFIGS) + "); none always runs first")
     ap.add_argument("--masters", default=",".join(MASTERS),
                     help=f"the sweep's master sources (default {','.join(MASTERS)})")
+    ap.add_argument("--reference-min-new", type=float, default=None,
+                    help="master='agent': the engine's reference_min_new (default: the engine's default)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
     args = ap.parse_args(argv)
     if args.agents < 2 or args.answer_tokens < 1 or args.round1_tokens < 1:
@@ -205,12 +207,20 @@ def round1(llm, args, cfg: dict, answers: list) -> dict:
             "logprobs": [logprobs[o.request_id] for o in r1], "stats": r1.stats}
 
 
+def agent_options(cfg: dict, args) -> dict:
+    """`--reference-min-new`, for engines with agent masters."""
+    if cfg.get("master") == "agent" and args.reference_min_new is not None:
+        return {"reference_min_new": args.reference_min_new}
+    return {}
+
+
 def run_config(cfg: dict, args, folder, kv_blocks: int, ref_ids: list[list[int]] | None = None) -> dict:
     """A fresh engine for `cfg`, rounds 0 and 1. With `ref_ids` (the reference engine's round-0
     answers) and a config that does not need its own answers, `Shared(ref_ids[j])` is gathered."""
     from nanodance import LLM
     t0 = time.perf_counter()
-    llm = LLM(folder, dtype=args.dtype, kv_cache_blocks=kv_blocks, sampler=FirstLogprobs(), **cfg)
+    llm = LLM(folder, dtype=args.dtype, kv_cache_blocks=kv_blocks, sampler=FirstLogprobs(), **cfg,
+              **agent_options(cfg, args))
     load_s = time.perf_counter() - t0
     answers, ids, texts, r0_s = round0(llm, args, cfg, ref_ids)
     row = round1(llm, args, cfg, answers)
@@ -236,6 +246,7 @@ def run_sweep(args, folder, kv_blocks: int, ref_ids: list[list[int]], masters=MA
     for master in masters:
         group = [c for c in variants if c["master"] == master]
         llm = LLM(folder, dtype=args.dtype, kv_cache_blocks=kv_blocks, reuse="tokendance", master=master,
+                  **agent_options(dict(master=master), args),
                   sampler=FirstLogprobs())
         answers, ids, _, r0_s = round0(llm, args, group[0], ref_ids)
         if ids != ref_ids:
@@ -387,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             resolved += ["--masters", args.masters]
     if args.main is not None:
         resolved += ["--main", args.main]
+    if args.reference_min_new is not None:
+        resolved += ["--reference-min-new", str(args.reference_min_new)]
     command = "python bench/rounds.py " + shlex.join(resolved)
     meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "torch": torch.__version__,
             "python": platform.python_version(), "threads": threads, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
