@@ -52,10 +52,10 @@ class LLM:
     reuse="tokendance"       "none" | "prefix" (vLLM-style prefix caching) | "pic" (per-request
                              position-independent reuse, CacheBlend-style) | "tokendance"
     seed=0                   the engine's sampling generator (a request's own `seed` overrides it)
-    recompute_ratio=0.15     share of each shared block each agent recomputes (1.0 is exact)
+    recompute_ratio=0.05     share of each shared block each agent recomputes (1.0 is exact)
     recompute_scheme="block" "block" (first block + most deviating blocks) | "first" (first
                              tokens, no scoring) | "token" (first token + most deviating tokens)
-    master="auto"            where a shared block's K/V comes from: "producer" (the earlier
+    master="agent"           where a shared block's K/V comes from: "producer" (the earlier
                              round's decode, no prefill), "standalone" (prefilled on its own;
                              better for long blocks of about 100 tokens or more), or "auto":
                              standalone for blocks of `auto_standalone_tokens` (64) or more,

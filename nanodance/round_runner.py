@@ -52,7 +52,9 @@ def run_round(engine: Engine, encoded: list[EncodedPrompt], params: list[Samplin
                                                    [encoded[i].token_ids for i in valid])
                 # A persistent reference agent's carrier starts from its kept cache.
                 leads = [owns[a] for a in collector.references]
-                collector.adopt_masters(engine.prefill_masters(to_prefill, leads) if to_prefill else [])
+                ran = (engine.prefill_masters(to_prefill, leads=leads) if leads else
+                       engine.prefill_masters(to_prefill) if to_prefill else [])
+                collector.adopt_masters(ran)
                 references = [valid[a] for a in collector.references]
                 got = collector.plan_round([encoded[i].token_ids for i in valid], [encoded[i].spans for i in valid],
                                            owns)
