@@ -138,6 +138,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--main", default=None,
                     help="comma list of main configs as reuse[:master] (e.g. none,tokendance:agent; default: "
                          "all of " + ",".join(main_key(c) for c in MAIN_CONFIGS) + "); none always runs first")
+    ap.add_argument("--main-ratio", type=float, default=None,
+                    help="recompute_ratio of the main table's pic and tokendance configs (default 0.15)")
     ap.add_argument("--masters", default=",".join(MASTERS),
                     help=f"the sweep's master sources (default {','.join(MASTERS)})")
     ap.add_argument("--reference-min-new", type=float, default=None,
@@ -356,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     wanted = None if args.main is None else set(args.main.split(",")) | {"none"}
     main_configs = [c for c in MAIN_CONFIGS if wanted is None or main_key(c) in wanted]
+    if args.main_ratio is not None:
+        main_configs = [dict(c, recompute_ratio=args.main_ratio) if "recompute_ratio" in c else c for c in main_configs]
     for cfg in main_configs[:1] if args.sweep_only else main_configs:
         t0 = time.perf_counter()
         rows.append(run_config(cfg, args, folder, kv_blocks, rows[0]["round0_ids"] if rows else None))
@@ -400,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         resolved += ["--main", args.main]
     if args.reference_min_new is not None:
         resolved += ["--reference-min-new", str(args.reference_min_new)]
+    if args.main_ratio is not None:
+        resolved += ["--main-ratio", str(args.main_ratio)]
     command = "python bench/rounds.py " + shlex.join(resolved)
     meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "torch": torch.__version__,
             "python": platform.python_version(), "threads": threads, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
