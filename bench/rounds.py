@@ -20,12 +20,15 @@
   prefill / round / collector seconds. Fidelity vs `none` on identical inputs: first-token
   agreement and mean KL(none || mode) of the first-token distribution (nats). The logits are
   recorded by a sampler passed to the engine (`LLM(..., sampler=FirstLogprobs())`).
-* Configs: none, prefix, pic (0.15, block), tokendance (0.15, block, producer), each on a fresh
-  engine. `--sweep` adds tokendance over ratio {0, 0.05, 0.15, 0.3} x scheme {block, first,
-  token} x master {producer, standalone}, and pic at the same ratios (block scheme, both master
-  sources: CacheBlend prefills its chunks standalone), run on one
+* Configs: none, prefix, pic (0.15, block; producer and standalone masters), tokendance (0.15,
+  block; masters producer, auto, standalone, agent), each on a fresh engine (`--main` picks
+  some). `--sweep` adds tokendance over ratio {0, 0.05, 0.15, 0.3} x scheme {block, first,
+  token} x master {producer, standalone, agent} (`--masters`), and pic at the same ratios
+  (block scheme, producer and standalone: CacheBlend prefills its chunks standalone), run on one
   engine per master source (see `run_sweep`), and a trade-off table; `--sweep-only` runs the
   sweep and its reference (none) only.
+* `master="agent"` makes some agents references (exact, see nanodance/collector.py): every row
+  also reports agreement and KL over the agents that no row made a reference (`agr-nr`, `KL-nr`).
 
 Prints date, machine, a reproduce line; writes bench/out/rounds.json (`--out`) and, with
 `--sweep` and matplotlib, bench/out/rounds_sweep.png. `main(argv)` returns 0 (the smoke test).
@@ -92,8 +95,15 @@ MAIN_CONFIGS = [dict(reuse="none"), dict(reuse="prefix"),
                 dict(reuse="pic", recompute_ratio=0.15, recompute_scheme="block", master="producer"),
                 dict(reuse="pic", recompute_ratio=0.15, recompute_scheme="block", master="standalone"),
                 dict(reuse="tokendance", recompute_ratio=0.15, recompute_scheme="block", master="producer"),
-                dict(reuse="tokendance", recompute_ratio=0.15, recompute_scheme="block", master="auto")]
+                dict(reuse="tokendance", recompute_ratio=0.15, recompute_scheme="block", master="auto"),
+                dict(reuse="tokendance", recompute_ratio=0.15, recompute_scheme="block", master="standalone"),
+                dict(reuse="tokendance", recompute_ratio=0.15, recompute_scheme="block", master="agent")]
+MASTERS = ("producer", "standalone", "agent")  # the sweep's master sources (auto is producer or standalone per length)
 SWEEP_RATIOS = (0.0, 0.05, 0.15, 0.3)
+
+
+def main_key(c: dict) -> str:
+    return c["reuse"] + (f":{c['master']}" if "master" in c else "")
 
 
 def sweep_configs() -> list[dict]:
@@ -102,7 +112,7 @@ def sweep_configs() -> list[dict]:
         for master in ("producer", "standalone"):  # CacheBlend's own chunks are standalone prefills
             out.append(dict(reuse="pic", recompute_ratio=r, recompute_scheme="block", master=master))
         for scheme in ("block", "first", "token"):
-            for master in ("producer", "standalone"):
+            for master in MASTERS:
                 out.append(dict(reuse="tokendance", recompute_ratio=r, recompute_scheme=scheme, master=master))
     return out
 
@@ -110,7 +120,7 @@ def sweep_configs() -> list[dict]:
 def needs_own_answers(cfg: dict) -> bool:
     """Producer masters are the producer's own decode KV: such an engine must answer round 0 itself.
     (`pic` uses the same master source as tokendance, so the two differ only in how they reuse it.)"""
-    return cfg["reuse"] in ("pic", "tokendance") and cfg.get("master", "producer") in ("producer", "auto")
+    return cfg["reuse"] in ("pic", "tokendance") and cfg.get("master", "producer") in ("producer", "auto", "agent")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -125,6 +135,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--sweep", action="store_true",
                     help="also sweep ratio x scheme x master (tokendance) and pic, on shared engines")
     ap.add_argument("--sweep-only", action="store_true", help="the sweep and its reference (none) only")
+    ap.add_argument("--main", default=None,
+                    help="comma list of main configs as reuse[:master] (e.g. none,tokendance:agent; default: "
+                         "all of " + ",".join(main_key(c) for c in MAIN_CONFIGS) + "); none always runs first")
+    ap.add_argument("--main-ratio", type=float, default=None,
+                    help="recompute_ratio of the main table's pic and tokendance configs (default 0.15)")
+    ap.add_argument("--masters", default=",".join(MASTERS),
+                    help=f"the sweep's master sources (default {','.join(MASTERS)})")
+    ap.add_argument("--reference-min-new", type=float, default=None,
+                    help="master='agent': the engine's reference_min_new (default: the engine's default)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
     args = ap.parse_args(argv)
     if args.agents < 2 or args.answer_tokens < 1 or args.round1_tokens < 1:
@@ -190,12 +209,20 @@ def round1(llm, args, cfg: dict, answers: list) -> dict:
             "logprobs": [logprobs[o.request_id] for o in r1], "stats": r1.stats}
 
 
+def agent_options(cfg: dict, args) -> dict:
+    """`--reference-min-new`, for engines with agent masters."""
+    if cfg.get("master") == "agent" and args.reference_min_new is not None:
+        return {"reference_min_new": args.reference_min_new}
+    return {}
+
+
 def run_config(cfg: dict, args, folder, kv_blocks: int, ref_ids: list[list[int]] | None = None) -> dict:
     """A fresh engine for `cfg`, rounds 0 and 1. With `ref_ids` (the reference engine's round-0
     answers) and a config that does not need its own answers, `Shared(ref_ids[j])` is gathered."""
     from nanodance import LLM
     t0 = time.perf_counter()
-    llm = LLM(folder, dtype=args.dtype, kv_cache_blocks=kv_blocks, sampler=FirstLogprobs(), **cfg)
+    llm = LLM(folder, dtype=args.dtype, kv_cache_blocks=kv_blocks, sampler=FirstLogprobs(), **cfg,
+              **agent_options(cfg, args))
     load_s = time.perf_counter() - t0
     answers, ids, texts, r0_s = round0(llm, args, cfg, ref_ids)
     row = round1(llm, args, cfg, answers)
@@ -204,7 +231,7 @@ def run_config(cfg: dict, args, folder, kv_blocks: int, ref_ids: list[list[int]]
     return row
 
 
-def run_sweep(args, folder, kv_blocks: int, ref_ids: list[list[int]]) -> list[dict]:
+def run_sweep(args, folder, kv_blocks: int, ref_ids: list[list[int]], masters=MASTERS) -> list[dict]:
     """Every sweep variant on one engine per master source, which answers (or borrows) round 0 once.
 
     Between round-1 variants the engine is reconfigured (`llm.reconfigure(reuse=..., ...)`), the
@@ -218,9 +245,10 @@ def run_sweep(args, folder, kv_blocks: int, ref_ids: list[list[int]]) -> list[di
     from nanodance import LLM
     rows = []
     variants = sweep_configs()
-    for master in ("producer", "standalone"):
+    for master in masters:
         group = [c for c in variants if c["master"] == master]
         llm = LLM(folder, dtype=args.dtype, kv_cache_blocks=kv_blocks, reuse="tokendance", master=master,
+                  **agent_options(dict(master=master), args),
                   sampler=FirstLogprobs())
         answers, ids, _, r0_s = round0(llm, args, group[0], ref_ids)
         if ids != ref_ids:
@@ -233,7 +261,7 @@ def run_sweep(args, folder, kv_blocks: int, ref_ids: list[list[int]]) -> list[di
             llm.reset_prefix_cache()
             t0 = time.perf_counter()
             row = round1(llm, args, cfg, answers)
-            row.update(round0_ids=ids, round0_borrowed=master != "producer", engine=f"shared ({master})",
+            row.update(round0_ids=ids, round0_borrowed=not needs_own_answers(cfg), engine=f"shared ({master})",
                        config_seconds=time.perf_counter() - t0)
             llm.release_round_outputs(keep=round0_outputs)  # this variant's outputs go; round 0's stay
             rows.append(row)
@@ -252,7 +280,8 @@ def fidelity(row: dict, ref: dict) -> tuple[float, float, float, list[float]]:
 
 def print_table(rows: list[dict]) -> None:
     header = (f"{'config':<36} {'KV MiB':>7} {'compr':>6} {'bound':>6} {'computed':>8} {'recomp':>6} "
-              f"{'tok-layers':>10} {'prefill s':>9} {'round s':>8} {'coll s':>7} {'agree':>6} {'exact':>6} {'KL':>7}")
+              f"{'tok-layers':>10} {'prefill s':>9} {'round s':>8} {'coll s':>7} {'agree':>6} {'exact':>6} {'KL':>7} "
+              f"{'agr-nr':>6} {'KL-nr':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -260,18 +289,20 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['config']:<36} {s['distinct_kv_bytes'] / 2**20:>7.1f} {s['compression']:>6.2f} "
               f"{s['compression_bound']:>6.2f} {s['prefill_tokens_computed']:>8} {s['prefill_tokens_recomputed']:>6} "
               f"{s['prefill_token_layers']:>10} {s['prefill_seconds']:>9.2f} {s['round_seconds']:>8.2f} "
-              f"{s['collector_seconds']:>7.2f} {r['agree']:>6.2f} {r['exact']:>6.2f} {r['kl']:>7.4f}")
+              f"{s['collector_seconds']:>7.2f} {r['agree']:>6.2f} {r['exact']:>6.2f} {r['kl']:>7.4f} "
+              f"{r['agree_nonref']:>6.2f} {r['kl_nonref']:>7.4f}")
 
 
 def print_tradeoff(rows: list[dict], none_layers: int) -> None:
     print("\ntrade-off (sorted by KL): recomputed fraction = recomputed / shared tokens; "
           "token-layers relative to none")
-    header = f"{'config':<36} {'KL':>7} {'agree':>6} {'recomp frac':>11} {'tok-layers':>10} {'rel':>6} {'compr':>6}"
+    header = (f"{'config':<36} {'KL':>7} {'KL-nr':>7} {'agree':>6} {'recomp frac':>11} {'tok-layers':>10} {'rel':>6} "
+              f"{'compr':>6}")
     print(header)
     print("-" * len(header))
     for r in sorted(rows, key=lambda r: r["kl"]):
         s = r["stats"]
-        print(f"{r['config']:<36} {r['kl']:>7.4f} {r['agree']:>6.2f} {r['recomputed_fraction']:>11.3f} "
+        print(f"{r['config']:<36} {r['kl']:>7.4f} {r['kl_nonref']:>7.4f} {r['agree']:>6.2f} {r['recomputed_fraction']:>11.3f} "
               f"{s['prefill_token_layers']:>10} {s['prefill_token_layers'] / max(none_layers, 1):>6.3f} "
               f"{s['compression']:>6.2f}")
 
@@ -325,7 +356,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     rows = []
-    for cfg in MAIN_CONFIGS[:1] if args.sweep_only else MAIN_CONFIGS:
+    wanted = None if args.main is None else set(args.main.split(",")) | {"none"}
+    main_configs = [c for c in MAIN_CONFIGS if wanted is None or main_key(c) in wanted]
+    if args.main_ratio is not None:
+        main_configs = [dict(c, recompute_ratio=args.main_ratio) if "recompute_ratio" in c else c for c in main_configs]
+    for cfg in main_configs[:1] if args.sweep_only else main_configs:
         t0 = time.perf_counter()
         rows.append(run_config(cfg, args, folder, kv_blocks, rows[0]["round0_ids"] if rows else None))
         rows[-1]["config_seconds"] = time.perf_counter() - t0
@@ -333,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(load {rows[-1]['load_seconds']:.1f}, round 0 {rows[-1]['round0_seconds']:.1f}, "
               f"round 1 {rows[-1]['stats']['round_seconds']:.1f})", flush=True)
     if args.sweep or args.sweep_only:
-        rows += run_sweep(args, folder, kv_blocks, rows[0]["round0_ids"])
+        rows += run_sweep(args, folder, kv_blocks, rows[0]["round0_ids"], tuple(args.masters.split(",")))
     total_s = time.perf_counter() - t_start
 
     ref = rows[0]
@@ -345,6 +380,14 @@ def main(argv: list[str] | None = None) -> int:
             warnings.append(f"WARNING: {r['config']}: round-0 token ids differ from none's for {diff}/{n} agents: "
                             f"round-1 fidelity is not on identical inputs")
         r["agree"], r["exact"], r["kl"], r["kl_per_agent"] = fidelity(r, ref)
+    # Reference agents (master="agent") are exact: means over all agents would flatter that
+    # source, so every row also reports its means over the agents no row made a reference.
+    refs = sorted({a for r in rows for a in r["stats"].get("reference_agents", [])})
+    others = [a for a in range(n) if a not in refs]
+    for r in rows:
+        r["reference_agents"] = refs
+        r["kl_nonref"] = sum(r["kl_per_agent"][a] for a in others) / max(len(others), 1)
+        r["agree_nonref"] = sum(r["first_tokens"][a] == ref["first_tokens"][a] for a in others) / max(len(others), 1)
         shared = sum(len(ids) for ids in r["round0_ids"]) * (n - 1)  # shared tokens over all prompts
         r["recomputed_fraction"] = r["stats"]["prefill_tokens_recomputed"] / max(shared, 1)
     none_layers = ref["stats"]["prefill_token_layers"]
@@ -355,6 +398,14 @@ def main(argv: list[str] | None = None) -> int:
         resolved += ["--kv-cache-blocks", str(args.kv_cache_blocks)]
     if args.sweep or args.sweep_only:
         resolved.append("--sweep-only" if args.sweep_only else "--sweep")
+        if args.masters != ",".join(MASTERS):
+            resolved += ["--masters", args.masters]
+    if args.main is not None:
+        resolved += ["--main", args.main]
+    if args.reference_min_new is not None:
+        resolved += ["--reference-min-new", str(args.reference_min_new)]
+    if args.main_ratio is not None:
+        resolved += ["--main-ratio", str(args.main_ratio)]
     command = "python bench/rounds.py " + shlex.join(resolved)
     meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "torch": torch.__version__,
             "python": platform.python_version(), "threads": threads, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
@@ -375,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     print("KV MiB: distinct KV referenced by the round; compr: dense / distinct; bound: best compression the "
           "private tokens allow; tok-layers: prefill positions x layers + collector analysis; agree / KL: "
           "first token vs none (KL(none || mode), nats, mean over agents); exact: whole round-1 output equal "
-          "to none's")
+          "to none's; agr-nr / KL-nr: the same over the agents that no row made a reference agent "
+          f"(reference agents: {ref['reference_agents']})")
     if sweep_rows:
         print("\nsweep (one engine per master source, prefix cache reset before each variant):")
         print_table(sweep_rows)

@@ -37,6 +37,8 @@ Sections (each printed as a table, all written to `<out>/<preset>[-dry].json`):
      have reproduced none's output given the same input. Reported over the All-Gather rounds
      (round >= 1): first-token agreement, exact-match rate, mean first-token KL(none || mode) in
      nats (the helpers of `bench/rounds.py`). Round 0 (and per-round values) are in the JSON.
+     `agr-nr` / `KL-nr`: the same over the (round, agent) pairs that no config made a
+     reference agent (`master="agent"`: those are exact, and would flatter it).
 2. `--ratios`: tokendance at each recompute ratio (for each `--schemes`) and pic at each ratio:
    fidelity and mirror compression vs recompute ratio.
 3. `--agents-sweep`: every config at each N: distinct KV, prefill and round seconds of the last
@@ -328,7 +330,9 @@ class Driver:
         running = sum(1 for s in llm.scheduler.running if not s.prefill_only) + len(ran)
         self.peak = max(self.peak, running)
         if self.master_blocks is None and llm.collector is not None:
-            self.master_blocks = {v.block for views in llm.collector.holders() for v in views}
+            # Masters only: the collector also holds reference agents' carriers (their own caches).
+            c = llm.collector
+            self.master_blocks = {v.block for m in (*c.outputs.values(), *c.round_masters) for v in m.views}
         for o in outputs:
             agent = self._agent(o.prompt)
             record = llm.engine.call.prefilled.get(o.request_id)
@@ -509,9 +513,25 @@ def fidelity_rows(records: list[RoundRecord], ref: list[RoundRecord]) -> dict:
         agree, exact, kl, _ = fidelity(pack([rec], True), pack([rrec], False))
         per_round.append({"round": rec.round, "agree": agree, "exact": exact, "kl": max(kl, 0.0)})
     gather = [(a, b) for a, b in zip(records, ref) if a.round >= 1] or list(zip(records, ref))
-    agree, exact, kl, _ = fidelity(pack([a for a, _ in gather], True), pack([b for _, b in gather], False))
+    mine, theirs = pack([a for a, _ in gather], True), pack([b for _, b in gather], False)
+    agree, exact, kl, kls = fidelity(mine, theirs)
     out.update(agree=agree, exact=exact, kl=max(kl, 0.0), fidelity_per_round=per_round)  # -0.0 from rounding
+    # [round, agent, first token agrees, KL] per gathered request: for means over a subset of agents.
+    pairs = [(rec.round, a) for rec, _ in gather for a in rec.agents]
+    out["fidelity_per_agent"] = [[r, a, mine["first_tokens"][k] == theirs["first_tokens"][k], kls[k]]
+                                 for k, (r, a) in enumerate(pairs)]
     return out
+
+
+def nonref_fidelity(results: dict) -> None:
+    """Reference agents (master="agent") are exact, so means over all agents flatter that source:
+    add to every row its agreement and KL over the (round, agent) pairs no row made a reference."""
+    refs = {(rd["round"], a) for r in results.values() for rd in r["rounds"] for a in rd.get("reference_agents", [])}
+    for r in results.values():
+        kept = [x for x in r.get("fidelity_per_agent", []) if (x[0], x[1]) not in refs]
+        r["reference_pairs"] = sorted(refs)
+        r["agree_nonref"] = sum(x[2] for x in kept) / len(kept) if kept else None
+        r["kl_nonref"] = max(sum(x[3] for x in kept) / len(kept), 0.0) if kept else None
 
 
 # ---------------------------------------------------------------------- sections
@@ -538,11 +558,13 @@ def run_configs(backend, configs, wl, kv_blocks, max_batched, log, capture=True,
         row["config"], row["params"] = cfg.label, cfg.__dict__.copy()
         row["rounds"] = [{"round": r.round, "agents": len(r.agents), "stats": r.stats,
                           "preemptions": r.preemptions, "peak_running": r.peak_running, "mirror": r.mirror,
+                          "reference_agents": [r.agents[i] for i in r.stats.get("reference_agents", [])],
                           "seconds": None if backend.dry else r.seconds} for r in recs]
         row["wall_seconds"] = time.perf_counter() - t0
         results[cfg.label] = row
         log(f"  {wl.cfg.name} N={wl.cfg.agents} {cfg.label}: "
             + ("done" if backend.dry else f"{row['wall_seconds']:.1f} s (last round {row['round_seconds']:.1f} s)"))
+    nonref_fidelity(results)
     return results, ref
 
 
@@ -553,7 +575,7 @@ def print_main(results: dict, dry: bool, title: str) -> None:
             ("computed", 8, "d"), ("tok-layers", 10, "d")]
     if not dry:
         cols += [("prefill s", 9, ".2f"), ("round s", 8, ".2f"), ("agree", 6, ".2f"), ("exact", 6, ".2f"),
-                 ("KL", 7, ".4f")]
+                 ("KL", 7, ".4f"), ("agr-nr", 6, ".2f"), ("KL-nr", 7, ".4f")]
     cols += [("preempt", 7, "d")]
     header = " ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w, _) in enumerate(cols))
     print(header)
@@ -564,7 +586,8 @@ def print_main(results: dict, dry: bool, title: str) -> None:
                 r["mirror_slots"] if r["params"]["reuse"] in ("pic", "tokendance") else None,
                 r["prefill_tokens_computed"], r["prefill_token_layers"]]
         if not dry:
-            vals += [r["prefill_seconds"], r["round_seconds"], r.get("agree"), r.get("exact"), r.get("kl")]
+            vals += [r["prefill_seconds"], r["round_seconds"], r.get("agree"), r.get("exact"), r.get("kl"),
+                     r.get("agree_nonref"), r.get("kl_nonref")]
         vals += [r["preemptions"]]
         cells = []
         for i, ((c, w, spec), v) in enumerate(zip(cols, vals)):
@@ -687,7 +710,7 @@ def make_plots(result: dict, folder: Path, stem: str) -> list[str]:
         groups: dict[str, list] = {}
         for label, row in ratios.items():
             p = row["params"]
-            groups.setdefault(f"{p['reuse']} {p['scheme']}" + (" standalone" if p["master"] != "producer" else ""),
+            groups.setdefault(f"{p['reuse']} {p['scheme']}" + (f" {p['master']}" if p["master"] != "producer" else ""),
                               []).append(row)
         for (key, rows), style in zip(groups.items(), ("o-", "s--", "^:", "d-.", "v-", "x--")):
             rows.sort(key=lambda r: r["params"]["ratio"])

@@ -3,14 +3,24 @@ each agent's plan (docs/design.md, "The flow of one round").
 
 A round goes through the collector in four calls from the round runner; it never calls back:
 
-    to_prefill = collector.begin_round(spans_per_agent)   # masters: producer outputs, or ids to prefill
-    collector.adopt_masters(engine.prefill_masters(to_prefill))   # the engine's own step loop ran them
+    to_prefill = collector.begin_round(spans_per_agent, prompts)   # masters: producer outputs, or ids to prefill
+    collector.adopt_masters(engine.prefill_masters(to_prefill, leads))   # the engine's own step loop ran them
     plans = collector.plan_round(prompts, spans_per_agent, kept_caches)   # laid out at admission (layout.py)
     collector.end_round(keep_outputs)
 
 Vocabulary: a *segment* is one distinct shared block of the round (key = its token ids); its
 *master* (masters.py) is one pooled copy of its K/V; a *plan* (layout.py) says, per agent
 position, where its K/V comes from.
+
+With `master="agent"` (the paper's Master) some agents of the round are *reference agents*,
+picked greedily like a set cover (`pick_references`): each next pick is the agent whose prompt
+holds the most shared tokens that no earlier pick holds, while that is at least
+`reference_min_new` of its shared tokens. A reference agent's prompt (all but its last token,
+which samples) is prefilled exactly first, as a *carrier*, in the same batch as the standalone
+masters; every segment in it that has no master yet gets a master cut out of the carrier's views
+(ref-counted, read in place by the others), and the carrier itself becomes the reference agent's
+own cache (an `AgentCache` its plan hands over at admission, as a persistent agent's kept cache):
+reference agents are exact. Segments no reference holds fall back to the "auto" rule.
 
 The recompute choice is made once per segment (collective) in one reference context, or per
 agent (`selection="per_agent"`, and always for `pic`), by one of the schemes:
@@ -20,11 +30,14 @@ agent (`selection="per_agent"`, and always for `pic`), by one of the schemes:
 - "token": the first token, then the tokens with the largest deviation (CacheBlend); each chosen
   token takes one packed slot of the agent's diff blocks.
 Key deviation = sum over heads and dims of (K_fresh - R(delta) K_master)^2 at the check layer,
-K_fresh from an exact forward of the reference agent's prompt through the first `check_layer`
-layers (into a scratch cache); the "token-layers" this costs are counted.
+K_fresh from an exact forward of a scoring agent's prompt through the first `check_layer`
+layers (into a scratch cache); the "token-layers" this costs are counted. The scoring agent is
+the first agent carrying the segment that is not a reference agent: in a reference agent's own
+context an agent master deviates by nothing, and the reference agents need no choice.
 
 The collector owns what it pins: producer outputs kept for the next round (`outputs`) and the
-round's standalone masters. It releases them itself (`release_outputs`, `end_round`,
+round's standalone and agent masters, and the reference agents' carriers until their plans
+hand them over. It releases them itself (`release_outputs`, `end_round`,
 `release_idle` under memory pressure).
 
 Shapes: reference forwards take input_ids int64 [T] over a scratch `KVCache` of `check_layer`
@@ -35,6 +48,7 @@ parallelism replays on every rank.
 from __future__ import annotations
 
 import math
+from collections import Counter
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -57,6 +71,9 @@ class CollectorCounters:
     master_prefill_tokens: int = 0  # standalone master tokens computed (all layers)
     producer_masters: int = 0
     standalone_masters: int = 0
+    agent_masters: int = 0  # segments whose master is cut from a reference agent's prompt
+    reference_agents: int = 0
+    reference_prefill_tokens: int = 0  # reference agents' prompt tokens prefilled as carriers (all layers)
     reference_tokens: int = 0  # tokens run through `check_layer` layers for deviation scoring
     reference_token_layers: int = 0
     scored_segments: int = 0
@@ -88,6 +105,32 @@ def select_offsets(length: int, ratio: float, scheme: str, block_size: int,
     return sorted(chosen)
 
 
+def pick_references(spans_per_agent: list[list[SharedSpan]], lengths: list[int], min_new: float) -> list[int]:
+    """Reference agents, greedily: each next one holds the most shared tokens (distinct segments,
+    by length) not held by an earlier pick, and only if they are at least `min_new` of its own.
+
+    A span must start before the prompt's last token (a carrier holds all but that one). Only
+    segments that two or more agents carry count: a master cut from a reference serves the
+    others, and a segment no other agent reads keeps its other source (a lone request that pastes
+    an earlier output reads that output's K/V instead of computing it). Agents of independent
+    groups share no segment, so every group gets its own references."""
+    held = [{s.key: s.length for s in spans if s.start < n - 1} for spans, n in zip(spans_per_agent, lengths)]
+    carriers_of = Counter(key for spans in spans_per_agent for key in {s.key for s in spans})
+    held = [{key: length for key, length in segs.items() if carriers_of[key] > 1} for segs in held]
+    covered: set[tuple] = set()
+    picks: list[int] = []
+    while True:
+        best, best_gain = None, 0
+        for a, segs in enumerate(held):
+            gain = sum(length for key, length in segs.items() if key not in covered)
+            if a not in picks and gain > best_gain and gain >= min_new * sum(segs.values()):
+                best, best_gain = a, gain
+        if best is None:
+            return picks
+        picks.append(best)
+        covered |= set(held[best])
+
+
 def needs_scoring(cfg: EngineConfig) -> bool:
     return cfg.recompute_scheme != "first" and 0 < cfg.recompute_ratio < 1
 
@@ -106,6 +149,12 @@ class Collector:
         self._masters: dict[tuple, Master] = {}  # segment key -> master, for the round in flight
         self._to_prefill: dict[tuple, int] = {}  # segment key -> sink tokens before it, awaiting prefill
         self._planning = False  # between begin_round and plan_round: no master may be released
+        # master="agent": the round's reference agents (indices into begin_round's lists), the
+        # segments each one brings a master for, their carriers' prompts, then their caches.
+        self.references: list[int] = []
+        self._brings: dict[int, list[tuple[int, int, tuple]]] = {}  # agent -> [(start, end, key)]
+        self._carrier_ids: list[list[int]] = []
+        self.carriers: dict[int, AgentCache] = {}  # agent -> its carrier, until its plan hands it over
 
     # ------------------------------------------------------------------ producer outputs
 
@@ -132,21 +181,37 @@ class Collector:
 
     # ------------------------------------------------------------------ one round
 
-    def begin_round(self, spans_per_agent: list[list[SharedSpan]]) -> list[list[int]]:
+    def begin_round(self, spans_per_agent: list[list[SharedSpan]],
+                    prompts: list[list[int]] | None = None) -> list[list[int]]:
         """Find a master for every distinct segment; return the token ids of those to prefill.
 
-        A segment that is an earlier output pinned here gets it as master (`master="producer"`,
-        or "auto" below its length threshold). Any other is prefilled standalone, behind the sink
-        token when configured; a block first seen at position 0 is prefilled as it is (then it is
-        exact for every agent that starts with it). The engine runs the returned prompts and
-        passes the sequences to `adopt_masters`.
+        With `master="agent"` (which needs `prompts`), the reference agents' carriers come first:
+        each is the agent's prompt but its last token, and brings the masters of the segments in it
+        that no earlier reference brings. A segment that is an earlier output pinned here gets it
+        as master (`master="producer"`, or "auto"/"agent" below the length threshold). Any other is
+        prefilled standalone, behind the sink token when configured; a block first seen at position
+        0 is prefilled as it is (then it is exact for every agent that starts with it). The engine
+        runs the returned prompts and passes the sequences to `adopt_masters`.
         """
         t0 = time.perf_counter()
         self._planning, self._masters, self._to_prefill = True, {}, {}
+        self.references, self._brings, self._carrier_ids, self.carriers = [], {}, [], {}
+        if self.cfg.master == "agent" and prompts is not None:
+            lengths = [len(p) for p in prompts]
+            self.references = pick_references(spans_per_agent, lengths, self.cfg.reference_min_new)
+            brought: set[tuple] = set()
+            for a in self.references:
+                self._brings[a] = []
+                for span in spans_per_agent[a]:
+                    if span.start < lengths[a] - 1 and span.key not in brought:
+                        brought.add(span.key)
+                        self._brings[a].append((span.start, min(span.end, lengths[a] - 1), span.key))
+                self._carrier_ids.append(list(prompts[a][:-1]))
+        brought = {key for spans in self._brings.values() for _, _, key in spans}
         bos = self.model_config.bos_token_id
         for spans in spans_per_agent:
             for span in spans:
-                if span.key in self._masters or span.key in self._to_prefill:
+                if span.key in self._masters or span.key in self._to_prefill or span.key in brought:
                     continue
                 produced = self._producer_master(span) if self.cfg.producer_master_for(span.length) else None
                 if produced is not None:
@@ -156,7 +221,7 @@ class Collector:
                     sink = self.cfg.master_sink and bos is not None and span.start > 0
                     self._to_prefill[span.key] = 1 if sink else 0
         self.counters.seconds += time.perf_counter() - t0
-        return [[bos] * skip + list(key) for key, skip in self._to_prefill.items()]
+        return self._carrier_ids + [[bos] * skip + list(key) for key, skip in self._to_prefill.items()]
 
     def _producer_master(self, span: SharedSpan) -> Master | None:
         """The pinned K/V of the output `span` came from, or of the part of it the span covers (a
@@ -171,7 +236,26 @@ class Collector:
         return part
 
     def adopt_masters(self, seqs: list[Sequence]) -> None:
-        """Take over the prefilled master sequences' views (in `begin_round`'s order), sinks dropped."""
+        """Take over the prefilled sequences' views (in `begin_round`'s order): the reference
+        agents' carriers (each becomes its agent's cache; its segments' masters are cut out of it,
+        one more reference per block), then the standalone masters, sinks dropped."""
+        carriers, seqs = seqs[:len(self.references)], seqs[len(self.references):]
+        for a, seq in zip(self.references, carriers):
+            carrier = AgentCache(list(seq.prompt_token_ids), list(seq.views), min(seq.exact_prefix_len, seq.num_tokens))
+            seq.replace_views([])  # the carrier holds those references now
+            # Its last block was allocated whole: the prompt's last position is the agent's to compute.
+            carrier.truncate(seq.num_prompt_tokens, self.pool)
+            self.carriers[a] = carrier
+            for start, end, key in self._brings[a]:
+                views = [c for c in (v.clip(start, end) for v in carrier.views) if c is not None]
+                for v in views:
+                    self.pool.ref(v.block)
+                master = Master(key, views, "agent")
+                self._masters[key] = master
+                self.round_masters.append(master)
+                self.counters.agent_masters += 1
+            self.counters.reference_agents += 1
+            self.counters.reference_prefill_tokens += seq.num_prompt_tokens
         for (key, skip), seq in zip(self._to_prefill.items(), seqs):
             master = Master(key, list(seq.views), "standalone")  # takes over the sequence's references
             seq.replace_views([])
@@ -192,16 +276,21 @@ class Collector:
         plans = []
         for agent, (ids, spans) in enumerate(zip(prompts, spans_per_agent)):
             chosen = {i: sorted(set(offsets[(agent, i)]) | set(missing[s.key])) for i, s in enumerate(spans)}
-            plans.append(plan_agent(len(ids), spans, self._masters, chosen, self.cfg.dense_copy, owns[agent]))
+            # A reference agent's cache is its carrier: exact, every position but the last.
+            own = self.carriers.get(agent, owns[agent])
+            plans.append(plan_agent(len(ids), spans, self._masters, chosen, self.cfg.dense_copy, own))
         self._planning = False
         self.counters.seconds += time.perf_counter() - t0
         return plans
 
     def end_round(self, keep_outputs: set[int]) -> None:
-        """Release the round's standalone masters and every pinned output not in `keep_outputs`."""
+        """Release the round's standalone and agent masters, the carriers no plan handed over, and
+        every pinned output not in `keep_outputs`."""
         for m in self.round_masters:
             self.pool.release(m.views)
-        self.round_masters, self._masters, self._to_prefill = [], {}, {}
+        for carrier in self.carriers.values():
+            self.pool.release(carrier.hand_over())
+        self.round_masters, self._masters, self._to_prefill, self.carriers = [], {}, {}, {}
         self._planning = False
         self.release_outputs(keep=keep_outputs)
 
@@ -222,9 +311,11 @@ class Collector:
         return len(idle_outputs), len(idle_masters)
 
     def holders(self) -> Iterator[list[View]]:
-        """Views of every pinned output and standalone master (one reference each)."""
+        """Views of every pinned output, standalone or agent master and carrier (one reference each)."""
         for m in (*self.outputs.values(), *self.round_masters):
             yield m.views
+        for carrier in self.carriers.values():
+            yield carrier.views
 
     # ------------------------------------------------------------------ recompute choice
 
@@ -234,16 +325,22 @@ class Collector:
         if not needs_scoring(cfg):
             return {(a, i): select_offsets(s.length, cfg.recompute_ratio, cfg.recompute_scheme, bs, None)
                     for a, spans in enumerate(spans_per_agent) for i, s in enumerate(spans)}
+        # Reference agents read no master (their carrier is exact) and would score agent masters
+        # at zero deviation: they are never scored, and need no choice.
+        refs = set(self.carriers)
+        out: dict[tuple[int, int], list[int]] = {(a, i): [] for a in refs for i in range(len(spans_per_agent[a]))}
         # Which (agent, span) pairs are scored: every pair, or the first occurrence of each segment.
         scored: dict[tuple, tuple[int, int]] = {}
         pairs = []
         for a, spans in enumerate(spans_per_agent):
+            if a in refs:
+                continue
             for i, s in enumerate(spans):
                 if cfg.per_agent_selection or s.key not in scored:
                     scored.setdefault(s.key, (a, i))
                     pairs.append((a, i))
         if not pairs:
-            return {}
+            return out
         agents = sorted({a for a, _ in pairs})
         row = {a: k for k, a in enumerate(agents)}
         queries = {pair: self._query(row[pair[0]], spans_per_agent[pair[0]][pair[1]]) for pair in pairs}
@@ -261,8 +358,9 @@ class Collector:
                 dev[:len(found[(a, i)])] = found[(a, i)]
             self.counters.scored_segments += 1
             chosen_by_pair[(a, i)] = select_offsets(span.length, cfg.recompute_ratio, cfg.recompute_scheme, bs, dev)
-        return {(a, i): chosen_by_pair[(a, i) if cfg.per_agent_selection else scored[s.key]]
-                for a, spans in enumerate(spans_per_agent) for i, s in enumerate(spans)}
+        out.update({(a, i): chosen_by_pair[(a, i) if cfg.per_agent_selection else scored[s.key]]
+                    for a, spans in enumerate(spans_per_agent) if a not in refs for i, s in enumerate(spans)})
+        return out
 
     def _query(self, prompt: int, span: SharedSpan) -> DeviationQuery | None:
         """Score `span`'s master keys in prompt `prompt`'s context; None if it has no K/V yet.

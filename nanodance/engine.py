@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from nanodance.agents import AgentCaches
+from nanodance.agents import AgentCache, AgentCaches
 from nanodance.auto_shared import OutputIndex
 from nanodance.cache import BlockPool, KVCache, View
 from nanodance.collector import Collector
@@ -41,7 +41,7 @@ from nanodance.config import ModelConfig
 from nanodance.engine_config import EngineConfig
 from nanodance.errors import CapacityError, RequestError
 from nanodance.executor import Executor
-from nanodance.layout import RoundLayouts
+from nanodance.layout import RoundLayouts, plan_agent
 from nanodance.model import CausalLM
 from nanodance.progress import Progress
 from nanodance.runner import ModelRunner, Sampler, default_sampler
@@ -352,13 +352,21 @@ class Engine:
             else:
                 self.scheduler.add(seq)
 
-    def prefill_masters(self, id_lists: list[list[int]]) -> list[Sequence]:
-        """Prefill standalone masters (no sampling) in one batch; their views stay referenced."""
+    def prefill_masters(self, id_lists: list[list[int]],
+                        leads: list[AgentCache | None] | None = None) -> list[Sequence]:
+        """Prefill masters (no sampling) in one batch; their views stay referenced.
+
+        `leads[i]`, when given, is a persistent agent's kept cache that prompt i (a reference
+        agent's carrier) extends: its views are handed over and only the rest is computed."""
         seqs = [self.make_sequence(ids, SamplingParams(max_tokens=1), prefill_only=True) for ids in id_lists]
         for seq in seqs:
             problem = self.capacity_error(seq)
             if problem is not None:
                 raise CapacityError(f"a shared block cannot be prefilled: {problem}")
+        for seq, lead in zip(seqs, leads or []):
+            if lead is not None:
+                lead.truncate(min(len(lead.token_ids), seq.num_prompt_tokens - 1), self.pool)  # one token computes
+                self.layouts.plans[seq.seq_id] = plan_agent(seq.num_prompt_tokens, [], {}, {}, own=lead)
         try:
             self.run(seqs)
         except BaseException:

@@ -21,7 +21,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 REUSE_MODES = ("none", "prefix", "pic", "tokendance")
 SCHEMES = ("block", "first", "token")
-MASTER_SOURCES = ("producer", "standalone", "auto")
+MASTER_SOURCES = ("producer", "standalone", "auto", "agent")
 SELECTIONS = ("collective", "per_agent")
 DEFAULT_KV_CACHE_MEMORY = 512 * 2**20  # bytes, when neither kv_cache_blocks nor kv_cache_memory is given
 
@@ -40,10 +40,12 @@ class EngineConfig:
     max_model_len: int | None = None  # longest sequence; None: the model's max_position_embeddings
     reuse: str = "tokendance"  # "none" | "prefix" | "pic" | "tokendance"
     seed: int = 0  # the engine's sampling generator (a request's own `seed` overrides it)
-    recompute_ratio: float = 0.15  # share of each shared block recomputed in each agent's context
+    recompute_ratio: float = 0.05  # share of each shared block recomputed in each agent's context
     recompute_scheme: str = "block"  # "block" | "first" | "token"
-    master: str = "auto"  # "producer" (last round's decode KV) | "standalone" (prefilled alone) | "auto"
-    auto_standalone_tokens: int = 64  # "auto": blocks this long or longer get standalone masters
+    master: str = "agent"  # "producer" (last round's decode KV) | "standalone" (prefilled alone) | "auto"
+    #                       | "agent" (cut from reference agents' exact prompts; the rest as "auto")
+    auto_standalone_tokens: int = 64  # "auto" (and "agent"'s fallback): blocks this long or longer get standalone masters
+    reference_min_new: float = 0.5  # "agent": a reference must bring masters for this share of its shared tokens
     master_sink: bool = True  # prefill standalone masters behind a bos sink token
     check_layer: int = 1  # layer whose key deviation picks the recomputed blocks
     selection: str = "collective"  # "collective" (once per block) | "per_agent" (pic always is)
@@ -67,9 +69,10 @@ class EngineConfig:
         _choice("recompute_scheme", self.recompute_scheme, SCHEMES)
         _choice("master", self.master, MASTER_SOURCES)
         _choice("selection", self.selection, SELECTIONS)
-        ratio = self.recompute_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
-            raise RequestError(f"recompute_ratio must be in [0, 1], got {ratio!r}")
+        for name in ("recompute_ratio", "reference_min_new"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise RequestError(f"{name} must be in [0, 1], got {value!r}")
         if isinstance(self.check_layer, bool) or not isinstance(self.check_layer, int) or self.check_layer < 0:
             raise RequestError(f"check_layer must be a non-negative int, got {self.check_layer!r}")
         if not isinstance(self.auto_shared, bool):
@@ -123,15 +126,16 @@ class EngineConfig:
     @property
     def pins_outputs(self) -> bool:
         """Round outputs are kept for the next round only if a producer master may read them."""
-        return self.uses_collector and self.master in ("producer", "auto")
+        return self.uses_collector and self.master in ("producer", "auto", "agent")
 
     def producer_master_for(self, length: int) -> bool:
         """Does a shared block of `length` tokens that is an earlier output use its producer's KV?
 
         Measured on the default model (docs/results.md): standalone masters give about 2x lower
         first-token KL on 128-token blocks, and 2.5-7x higher on 12-48-token ones; "auto" splits
-        at `auto_standalone_tokens` (64 by default, between the two)."""
-        return self.master == "producer" or (self.master == "auto" and length < self.auto_standalone_tokens)
+        at `auto_standalone_tokens` (64 by default, between the two). "agent" falls back to the
+        same rule for the blocks that no reference agent's prompt holds."""
+        return self.master == "producer" or (self.master in ("auto", "agent") and length < self.auto_standalone_tokens)
 
     @property
     def per_agent_selection(self) -> bool:

@@ -55,14 +55,19 @@ class LLM:
     reuse="tokendance"       "none" | "prefix" (vLLM-style prefix caching) | "pic" (per-request
                              position-independent reuse, CacheBlend-style) | "tokendance"
     seed=0                   the engine's sampling generator (a request's own `seed` overrides it)
-    recompute_ratio=0.15     share of each shared block each agent recomputes (1.0 is exact)
+    recompute_ratio=0.05     share of each shared block each agent recomputes (1.0 is exact)
     recompute_scheme="block" "block" (first block + most deviating blocks) | "first" (first
                              tokens, no scoring) | "token" (first token + most deviating tokens)
-    master="auto"            where a shared block's K/V comes from: "producer" (the earlier
+    master="agent"           where a shared block's K/V comes from: "producer" (the earlier
                              round's decode, no prefill), "standalone" (prefilled on its own;
                              better for long blocks of about 100 tokens or more), or "auto":
                              standalone for blocks of `auto_standalone_tokens` (64) or more,
-                             producer below
+                             producer below, or "agent" (the paper's Master): reference agents,
+                             picked greedily by the shared tokens they hold, are prefilled
+                             exactly first and their shared blocks are everyone's masters;
+                             blocks no reference holds follow "auto"
+    reference_min_new=0.5    "agent": a further reference must bring masters for at least this
+                             share of its shared tokens
     master_sink=True         prefill standalone masters behind a bos sink token (dropped after)
     check_layer=1            the layer whose key deviation ranks the blocks to recompute
     selection="collective"   score each shared block once per round, or "per_agent" (pic always is)

@@ -2,12 +2,14 @@
 
 A master covers a segment's tokens in order with views at *master positions* (where its keys
 were rotated). Agents read it at their own positions through views with a rope delta
-(`views_at`). It comes from one of two sources:
+(`views_at`). It comes from one of three sources:
 - "producer": the previous round's request that generated the block already wrote its K/V
   while decoding; `Master.of_output` cuts those views out of the finished sequence (zero
   prefill). Its last sampled token was never fed back, so the master may lack that token's K/V.
 - "standalone": the block prefilled on its own (behind a sink token, dropped after with
   `trim`), in one batch with the round's other new blocks.
+- "agent": cut out of a reference agent's prompt, prefilled exactly (collector.py): its keys
+  were computed in nearly the company every other agent of the round reads them in.
 
 A master holds one pool reference per view; whoever holds the master releases them.
 """
@@ -25,7 +27,7 @@ class Master:
 
     key: tuple[int, ...]
     views: list[View]  # cover the segment's tokens in order, at master positions
-    source: str  # "producer" | "standalone"
+    source: str  # "producer" | "standalone" | "agent"
 
     @property
     def start(self) -> int:

@@ -11,7 +11,9 @@ Data flows one way (docs/design.md, "The flow of one round"): the prompts' share
 collector, which returns the masters to prefill; the engine prefills them with its own step
 loop and hands the sequences back; the collector plans every agent; the plans go to the
 engine's `RoundLayouts`, which the scheduler asks at admission; the engine steps until every
-agent is done. Afterwards the collector releases the round's standalone masters and the
+agent is done. With `master="agent"` the prefilled sequences include the reference agents'
+carriers (their prompts but the last token, first in the batch, from a persistent agent's kept
+cache when it has one); the round's stats name those agents (`reference_agents`). Afterwards the collector releases the round's standalone masters and the
 outputs no later round can use, and kept caches that were never laid out go back to their
 agents. `round_stats.py` turns what each agent referenced after its prefill into the round's
 accounting.
@@ -61,14 +63,21 @@ def iterate_round(engine: Engine, encoded: list[EncodedPrompt], params: list[Sam
         seq.sample_of = seqs[first] if first is not None else None
     valid = [i for i, seq in enumerate(seqs) if engine.capacity_error(seq) is None]
     plans: dict[int, AgentPlan] = {}
+    references: list[int] = []  # master="agent": prompt indices of the reference agents
     master_blocks: set = set()
     succeeded = False
     with engine.serving(seqs) as call:
         owns = [engine.agents.take(agent_ids[i], encoded[i].token_ids) for i in valid]
         try:
             if collector is not None:
-                to_prefill = collector.begin_round([encoded[i].spans for i in valid])
-                collector.adopt_masters(engine.prefill_masters(to_prefill) if to_prefill else [])
+                to_prefill = collector.begin_round([encoded[i].spans for i in valid],
+                                                   [encoded[i].token_ids for i in valid])
+                # A persistent reference agent's carrier starts from its kept cache.
+                leads = [owns[a] for a in collector.references]
+                ran = (engine.prefill_masters(to_prefill, leads=leads) if leads else
+                       engine.prefill_masters(to_prefill) if to_prefill else [])
+                collector.adopt_masters(ran)
+                references = [valid[a] for a in collector.references]
                 got = collector.plan_round([encoded[i].token_ids for i in valid], [encoded[i].spans for i in valid],
                                            owns)
                 plans = {seqs[i].seq_id: plan for i, plan in zip(valid, got)}
@@ -90,6 +99,7 @@ def iterate_round(engine: Engine, encoded: list[EncodedPrompt], params: list[Sam
                     engine.agents.give_back(agent_ids[i], own)
         prefilled = dict(call.prefilled)
     stats = _account(engine, seqs, encoded, plans, master_blocks, prefilled, counters_before, t0, t_end)
+    stats["reference_agents"] = references
     engine.round_history.append(stats)
     return RoundOutputs([engine.output(s) for s in seqs], stats)
 

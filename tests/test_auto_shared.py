@@ -135,7 +135,7 @@ def test_generate_with_pasted_outputs_becomes_a_round_without_any_marking(folder
 
 def test_found_spans_are_exact_at_full_recompute(folder):
     _, expected = debate(make_llm(folder, reuse="none"))
-    for master in ("standalone", "producer"):
+    for master in ("standalone", "producer", "agent"):
         llm = make_llm(folder, recompute_ratio=1.0, master=master)
         _, got = debate(llm)
         assert [o.token_ids for o in got] == [o.token_ids for o in expected], master

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fixtures_default_model import default_model_dir  # noqa: F401
 from repo_scripts import load_script
 
@@ -17,8 +19,16 @@ def test_rounds_smoke(default_model_dir, tmp_path, capsys):  # noqa: F811
     assert "reproduce: python bench/rounds.py --agents 3" in printed
     rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["none", "prefix", "pic r=0.15 block", "pic r=0.15 block standalone",
-                          "tokendance r=0.15 block producer", "tokendance r=0.15 block auto"]
-    none, prefix, pic, pic_standalone, td, td_auto = rows.values()
+                          "tokendance r=0.15 block producer", "tokendance r=0.15 block auto",
+                          "tokendance r=0.15 block standalone", "tokendance r=0.15 block agent"]
+    none, prefix, pic, pic_standalone, td, td_auto, td_standalone, td_agent = rows.values()
+    # Agent masters: the reference agents are exact, and the non-reference means leave them out.
+    refs = td_agent["stats"]["reference_agents"]
+    assert refs and td_agent["reference_agents"] == refs
+    for a in refs:
+        assert td_agent["first_tokens"][a] == none["first_tokens"][a] and abs(td_agent["kl_per_agent"][a]) < 1e-5
+    others = [a for a in range(3) if a not in refs]
+    assert td["kl_nonref"] == pytest.approx(sum(td["kl_per_agent"][a] for a in others) / len(others))
     # 40-token answers are below auto's 64-token threshold: auto is the producer config exactly.
     assert td_auto["round1_ids"] == td["round1_ids"] and td_auto["stats"]["distinct_kv_bytes"] == \
         td["stats"]["distinct_kv_bytes"]
@@ -50,7 +60,10 @@ def test_rounds_sweep_smoke(default_model_dir, tmp_path, capsys):  # noqa: F811
     assert len(sweep) == len(bench.sweep_configs())
     assert all(r["round0_identical"] for r in rows)
     for r in sweep:
-        if r["params"]["recompute_ratio"] == 0.3 and r["params"]["reuse"] == "tokendance":
+        if r["params"]["master"] == "agent":
+            # Two agents, each holding the other's answer: both are references, both exact.
+            assert r["stats"]["reference_agents"] == [0, 1] and r["agree"] == 1.0
+        elif r["params"]["recompute_ratio"] == 0.3 and r["params"]["reuse"] == "tokendance":
             assert r["stats"]["prefill_tokens_recomputed"] > 0
         if r["params"]["reuse"] == "pic":
             assert r["stats"]["compression"] <= 1.0  # pic copies every shared token

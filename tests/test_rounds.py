@@ -6,7 +6,7 @@ persona, the other agents' previous outputs as `Shared(...)` blocks, then a task
 
 Specification:
 - exactness at full recompute: with recompute_ratio=1.0, "tokendance" and "pic" (master
-  "producer" or "standalone"; schemes "block", "first", "token") give the greedy tokens of
+  "producer", "standalone", "auto" or "agent"; schemes "block", "first", "token") give the greedy tokens of
   reuse="none", token for token, over three rounds;
 - a shared block at position 0 of every prompt is a true common prefix: tokendance (ratio 0
   and the default ratio) gives the tokens of reuse="prefix";
@@ -130,16 +130,17 @@ def baseline(folder) -> list[list[int]]:
 # --- 1. exactness at full recompute ----------------------------------------------------------
 
 @pytest.mark.parametrize("scheme", ["block", "first", "token"])
-@pytest.mark.parametrize("master", ["producer", "standalone", "auto"])
+@pytest.mark.parametrize("master", ["producer", "standalone", "auto", "agent"])
 @pytest.mark.parametrize("reuse", ["tokendance", "pic"])
 def test_full_recompute_gives_the_tokens_of_no_reuse(folder, reuse, master, scheme):
     llm = make_llm(folder, reuse=reuse, recompute_ratio=1.0, master=master, recompute_scheme=scheme)
     results = all_gather_rounds(llm)
     assert tokens(results) == baseline(folder)
-    # every shared token really was recomputed
+    # every shared token really was recomputed (reference agents compute theirs as their prompt)
     for r in results[1:]:
         shared = sum(len(o.token_ids) for o in results[0]) * (N_AGENTS - 1)
-        assert r.stats["prefill_tokens_recomputed"] >= shared
+        readers = N_AGENTS - len(r.stats["reference_agents"])
+        assert r.stats["prefill_tokens_recomputed"] >= shared * readers // N_AGENTS
     release_all(llm)
 
 
@@ -361,7 +362,7 @@ def test_accounting_without_reuse(folder):
 
 @pytest.mark.parametrize("sink", [False, True])
 def test_accounting_tokendance_pure_reuse(folder, sink):
-    llm = make_llm(folder, reuse="tokendance", recompute_ratio=0.0, master_sink=sink)
+    llm = make_llm(folder, reuse="tokendance", recompute_ratio=0.0, master_sink=sink, master="standalone")
     st = llm.run_round(hand_example(), greedy(3), use_tqdm=False).stats
     bb = llm.block_bytes
     master_blocks = 3 if sink else 2  # 8 tokens behind a sink slot straddle 3 blocks
@@ -381,7 +382,8 @@ def test_accounting_tokendance_pure_reuse(folder, sink):
 
 def test_accounting_tokendance_first_block_recomputed(folder):
     """scheme "first", ratio 0.5: the first 4 shared tokens (one block) of each agent are a diff block."""
-    llm = make_llm(folder, reuse="tokendance", recompute_ratio=0.5, recompute_scheme="first", master_sink=False)
+    llm = make_llm(folder, reuse="tokendance", recompute_ratio=0.5, recompute_scheme="first", master_sink=False,
+                   master="standalone")
     st = llm.run_round(hand_example(), greedy(3), use_tqdm=False).stats
     bb = llm.block_bytes
     # per agent: private, diff, tail blocks (3) + the master's 2nd block (viewed); master: 2 blocks
@@ -396,8 +398,24 @@ def test_accounting_tokendance_first_block_recomputed(folder):
     release_all(llm)
 
 
+def test_accounting_tokendance_agent_master(folder):
+    """Agent 0 is the reference: its prompt but the last token is prefilled exactly (4 blocks, the
+    common block's 2 among them: the master), its last token takes a block of its own; agent 1
+    views the master and computes its 8 private tokens (2 blocks)."""
+    llm = make_llm(folder, reuse="tokendance", recompute_ratio=0.0, master="agent")
+    st = llm.run_round(hand_example(), greedy(3), use_tqdm=False).stats
+    bb = llm.block_bytes
+    assert st["reference_agents"] == [0] and st["masters"] == 1
+    assert st["distinct_kv_bytes"] == (5 + 2) * bb
+    assert st["shared_kv_bytes"] == 2 * bb
+    assert st["prefill_tokens_computed"] == 15 + 1 + 8
+    assert st["prefill_tokens_reused"] == 15 + 8  # the reference's carrier, agent 1's views
+    assert st["prefill_tokens_recomputed"] == 0 and st["diff_blocks"] == 0
+    release_all(llm)
+
+
 def test_accounting_pic_copies_every_shared_block(folder):
-    llm = make_llm(folder, reuse="pic", recompute_ratio=0.0, master_sink=False)
+    llm = make_llm(folder, reuse="pic", recompute_ratio=0.0, master_sink=False, master="standalone")
     st = llm.run_round(hand_example(), greedy(3), use_tqdm=False).stats
     bb = llm.block_bytes
     assert st["distinct_kv_bytes"] == (2 * 4 + 2) * bb  # dense private copies + the master
@@ -427,7 +445,7 @@ def test_the_bound_counts_a_common_system_prompt_once(folder, reuse):
 
 
 def test_accounting_counts_producer_master_blocks_as_shared(folder):
-    llm = make_llm(folder, reuse="tokendance", recompute_ratio=0.0)
+    llm = make_llm(folder, reuse="tokendance", recompute_ratio=0.0, master="producer")
     p = [random_ids(8, seed=710), random_ids(8, seed=711)]
     r0 = llm.run_round([[p[0]], [p[1]]], greedy(9), use_tqdm=False)  # outputs start at position 8: aligned
     tail = [7, 7, 7, 7]
