@@ -1,6 +1,5 @@
 """Regenerate the README's layout table (between the <!-- layout --> markers) from the files' line
 counts: `python scripts/readme_layout.py` from the repository root. A new core file gets a row here."""
-import subprocess
 rows = [
  ("errors.py", "the error hierarchy: every deliberate error is a `NanodanceError` and the built-in that fits"),
  ("config.py", "`ModelConfig`: the part of a Hugging Face `config.json` nanodance reads; RoPE inverse frequencies"),
