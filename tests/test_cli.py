@@ -160,3 +160,13 @@ def test_serve_answers_an_openai_client_until_it_is_stopped(default_model_dir):
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it: the status is -SIGTERM, no traceback.
     assert proc.returncode in (0, -signal.SIGTERM) and "Traceback" not in err, err[-2000:]
     assert "serving 'SmolLM2-135M-Instruct'" in err
+
+
+def test_serve_offers_every_master_source_and_reuse_mode():
+    from nanodance.engine_config import MASTER_SOURCES, REUSE_MODES
+    from nanodance.tools.cli import _parser
+
+    for master in MASTER_SOURCES:
+        assert _parser().parse_args(["serve", "--master", master]).master == master
+    for reuse in REUSE_MODES:
+        assert _parser().parse_args(["serve", "--reuse", reuse]).reuse == reuse

@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 
+from nanodance.engine_config import MASTER_SOURCES, REUSE_MODES
 from nanodance.errors import NanodanceError
 
 
@@ -70,10 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None, help="the model id clients send; default: the folder name")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--reuse", default=None, choices=("none", "prefix", "pic", "tokendance"),
+    serve.add_argument("--reuse", default=None, choices=REUSE_MODES,
                        help="KV reuse mode; default: tokendance")
     serve.add_argument("--recompute-ratio", type=float, default=None)
-    serve.add_argument("--master", default=None, choices=("producer", "standalone", "auto"))
+    serve.add_argument("--master", default=None, choices=MASTER_SOURCES,
+                       help="where shared K/V comes from; default: agent (docs/usage.md)")
     serve.add_argument("--no-auto-shared", dest="auto_shared", action="store_false",
                        help="do not look for earlier outputs in prompts (only explicitly marked spans are shared)")
     serve.add_argument("--admission-window-ms", type=float, default=20.0,
