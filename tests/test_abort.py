@@ -29,9 +29,10 @@ import pytest
 
 from nanodance import LLM, SamplingParams, Shared
 from nanodance.errors import RequestError
-from tiny_checkpoints import random_ids as ids, write_tiny_checkpoint
+from round_workload import folder  # noqa: F401 (a fixture: the rounds' tiny Llama)
+from round_workload import make_llm
+from tiny_checkpoints import random_ids as ids
 
-BLOCK = 4
 
 
 def greedy(max_tokens: int = 8) -> SamplingParams:
@@ -42,18 +43,6 @@ PROMPTS = [ids(n, seed=20 + n) for n in (5, 11, 17, 8)]
 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path, _ = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), kind="llama3", seed=1, num_hidden_layers=3)
-    return path
-
-
-def make_llm(folder, **kwargs) -> LLM:
-    options = dict(dtype="float32", device="cpu", block_size=BLOCK, kv_cache_blocks=256, reuse="none")
-    options.update(kwargs)
-    return LLM(folder, **options)
 
 
 def release_all(llm: LLM) -> None:

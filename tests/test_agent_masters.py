@@ -25,82 +25,15 @@ from __future__ import annotations
 
 import pytest
 
-from nanodance import LLM, SamplingParams, Shared
+from nanodance import Shared
 from nanodance.collector import pick_references
 from nanodance.segments import SharedSpan
-from tiny_checkpoints import random_ids, write_tiny_checkpoint
-
-BLOCK = 4
-N = 4
-PERSONAS = [random_ids(6 + 5 * i, seed=100 + i) for i in range(N)]
-TASK = random_ids(5, seed=200)
+from round_workload import folder  # noqa: F401 (a fixture)
+from round_workload import (N_AGENTS, PERSONAS, TASK, all_gather_rounds, baseline, check_refs, greedy, make_llm,
+                            persistent_rounds, release_all, tokens)
+from tiny_checkpoints import random_ids
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """Llama with llama3 RoPE scaling, GQA, 3 layers (so layer 1 is a real check layer)."""
-    path, _ = write_tiny_checkpoint(tmp_path_factory.mktemp("llama3"), kind="llama3", seed=1, num_hidden_layers=3)
-    return path
-
-
-def make_llm(folder, **kwargs) -> LLM:
-    options = dict(dtype="float32", device="cpu", block_size=BLOCK, kv_cache_blocks=256, reuse="none")
-    options.update(kwargs)
-    return LLM(folder, **options)
-
-
-def greedy(max_tokens: int = 8) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-
-
-def check_refs(llm: LLM) -> None:
-    """Between rounds the only holders are pinned outputs and kept caches (masters and carriers are gone)."""
-    pinned = [[v.block for v in m.views] for m in llm.collector.outputs.values()] if llm.collector else []
-    kept = [[v.block for v in views] for views in llm.agents.holders()]
-    llm.pool.check_invariants(holders=pinned + kept)
-    llm.check_invariants()
-
-
-def release_all(llm: LLM) -> None:
-    for agent in llm.agents.ids():
-        llm.release_agent(agent)
-    if llm.collector is not None:
-        llm.collector.release_outputs(forget_kept=True)
-    assert llm.pool.num_used == 0, f"{llm.pool.num_used} blocks still referenced after releasing everything"
-
-
-def all_gather(llm: LLM, rounds: int = 3, agents=None, max_tokens: int = 8):
-    """Round 0: persona + task; round r: persona + Shared(the others' outputs, rotated) + task."""
-    results, prev = [], None
-    for r in range(rounds):
-        prompts = []
-        for i in range(N):
-            if prev is None:
-                prompts.append([PERSONAS[i], TASK])
-            else:
-                others = [(i + r + j) % N for j in range(N)]
-                prompts.append([PERSONAS[i]] + [Shared(prev[j]) for j in others if j != i] + [TASK])
-        prev = llm.run_round(prompts, greedy(max_tokens), agents=agents, use_tqdm=False)
-        check_refs(llm)
-        results.append(prev)
-    return results
-
-
-def tokens(results) -> list[list[int]]:
-    return [o.token_ids for r in results for o in r]
-
-
-_NONE: dict = {}
-
-
-def none_tokens(folder) -> list[list[int]]:
-    if folder not in _NONE:
-        llm = make_llm(folder, reuse="none")
-        _NONE[folder] = tokens(all_gather(llm))
-        release_all(llm)
-    return _NONE[folder]
 
 
 def span(start: int, key: tuple) -> SharedSpan:
@@ -135,8 +68,8 @@ def test_independent_groups_get_a_reference_each():
 
 def test_full_recompute_with_agent_masters_gives_the_tokens_of_no_reuse(folder):
     llm = make_llm(folder, reuse="tokendance", master="agent", recompute_ratio=1.0)
-    results = all_gather(llm)
-    assert tokens(results) == none_tokens(folder)
+    results = all_gather_rounds(llm)
+    assert tokens(results) == baseline(folder)
     assert all(r.stats["reference_agents"] for r in results[1:])  # agent masters were in play
     assert llm.stats()["collector_agent_masters"] > 0
     release_all(llm)
@@ -159,7 +92,7 @@ def test_reference_agents_equal_no_reuse_at_every_ratio(folder, ratio, scheme):
     run through reuse="none": the reference agents' outputs must equal its, token for token."""
     none = make_llm(folder, reuse="none")
     llm = make_llm(folder, reuse="tokendance", master="agent", recompute_ratio=ratio, recompute_scheme=scheme)
-    for r, result in enumerate(all_gather(llm)[1:], start=1):
+    for r, result in enumerate(all_gather_rounds(llm)[1:], start=1):
         want = none.generate([o.prompt_token_ids for o in result], greedy(), use_tqdm=False)
         refs = result.stats["reference_agents"]
         assert refs, "every all-gather round has a reference agent"
@@ -172,9 +105,9 @@ def test_pure_reuse_of_agent_masters_is_not_exact_for_the_others(folder):
     """The reference test above can fail: the non-reference agents read approximate masters."""
     none = make_llm(folder, reuse="none")
     llm = make_llm(folder, reuse="tokendance", master="agent", recompute_ratio=0.0)
-    result = all_gather(llm, rounds=2)[1]
+    result = all_gather_rounds(llm, rounds=2)[1]
     want = none.generate([o.prompt_token_ids for o in result], greedy(), use_tqdm=False)
-    others = [i for i in range(N) if i not in result.stats["reference_agents"]]
+    others = [i for i in range(N_AGENTS) if i not in result.stats["reference_agents"]]
     assert any(result[i].token_ids != want[i].token_ids for i in others)
     assert result.stats["prefill_tokens_reused"] > 0
     release_all(llm)
@@ -254,28 +187,6 @@ def test_a_short_block_no_reference_holds_falls_back_to_its_producer(folder):
 
 
 # --- 4. ref counts ----------------------------------------------------------------------------
-
-def persistent_rounds(llm, rounds=3):
-    """Agents 0 and 2 persist (their next prompt extends prompt + output); 1 and 3 are one-shot."""
-    agents = ["a0", None, "a2", None]
-    history = [PERSONAS[i] + TASK for i in range(N)]
-    prompts = [[h] for h in history]
-    outs = []
-    for _ in range(rounds):
-        out = llm.run_round(prompts, greedy(6), agents=agents, use_tqdm=False)
-        check_refs(llm)
-        assert all(o.finish_reason == "length" for o in out), [o.error for o in out]
-        outs.append(out)
-        new = []
-        for i in range(N):
-            if agents[i] is not None:
-                history[i] = history[i] + out[i].token_ids
-                new.append([history[i]] + [Shared(out[j]) for j in range(N) if j != i] + [TASK])
-            else:
-                new.append([PERSONAS[i]] + [Shared(out[j]) for j in range(N) if j != i] + [TASK])
-        prompts = new
-    return outs
-
 
 def test_ref_counts_with_persistent_reference_agents_and_preemption(folder):
     roomy = make_llm(folder, reuse="tokendance", master="agent")

@@ -24,9 +24,10 @@ from nanodance import LLM, SamplingParams, Shared
 from nanodance.auto_shared import OutputIndex
 from nanodance.errors import RequestError
 from fixtures_default_model import default_model_dir, default_tokenizer  # noqa: F401
-from tiny_checkpoints import random_ids, write_tiny_checkpoint
+from round_workload import folder  # noqa: F401 (a fixture: the rounds' tiny Llama)
+from round_workload import make_llm as round_llm
+from tiny_checkpoints import random_ids
 
-BLOCK = 4
 
 
 def output(request_id: int, ids: list[int], stopped: bool = False):
@@ -94,16 +95,9 @@ def test_pasted_text_is_found_but_for_the_tokens_bpe_merges_with_its_neighbours(
 
 # --- through the LLM ----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path, _ = write_tiny_checkpoint(tmp_path_factory.mktemp("llama"), kind="llama3", seed=1, num_hidden_layers=3)
-    return path
-
-
 def make_llm(folder, **kwargs) -> LLM:
-    options = dict(dtype="float32", device="cpu", block_size=BLOCK, kv_cache_blocks=256, reuse="tokendance")
-    options.update(kwargs)
-    return LLM(folder, **options)
+    """The rounds' engine options (round_workload.py), under tokendance unless told otherwise."""
+    return round_llm(folder, **{"reuse": "tokendance", **kwargs})
 
 
 def greedy(n: int = 12) -> SamplingParams:

@@ -37,94 +37,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanodance import LLM, SamplingParams, Shared, kernels
+from nanodance import Shared, kernels
 from nanodance.executor import reference_keys
 from nanodance.errors import CapacityError, RequestError
 from nanodance.segments import encode_segments, is_segment_prompt
-from tiny_checkpoints import random_ids, write_tiny_checkpoint
-
-BLOCK = 4
-N_AGENTS = 4
-
-
-def greedy(max_tokens: int = 8) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-
-
-PERSONAS = [random_ids(6 + 5 * i, seed=100 + i) for i in range(N_AGENTS)]
-TASK = random_ids(5, seed=200)
-
-
-# --- fixtures and helpers --------------------------------------------------------------------
+from round_workload import folder  # noqa: F401 (a fixture)
+from round_workload import (BLOCK, N_AGENTS, PERSONAS, TASK, all_gather_rounds, baseline, check_refs, greedy, make_llm,
+                            persistent_rounds, release_all, tokens)
+from tiny_checkpoints import random_ids
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """Llama with llama3 RoPE scaling, GQA, 3 layers (so layer 1 is a real check layer)."""
-    path, _ = write_tiny_checkpoint(tmp_path_factory.mktemp("llama3"), kind="llama3", seed=1, num_hidden_layers=3)
-    return path
-
-
-def make_llm(folder, **kwargs) -> LLM:
-    options = dict(dtype="float32", device="cpu", block_size=BLOCK, kv_cache_blocks=256, reuse="none")
-    options.update(kwargs)
-    return LLM(folder, **options)
-
-
-def holders(llm: LLM) -> list[list[int]]:
-    """Every reference that may outlive a round: pinned outputs (producer masters), kept agent caches."""
-    pinned = [[v.block for v in m.views] for m in llm.collector.outputs.values()] if llm.collector else []
-    kept = [[v.block for v in views] for views in llm.agents.holders()]
-    return pinned + kept
-
-
-def check_refs(llm: LLM) -> None:
-    llm.pool.check_invariants(holders=holders(llm))
-
-
-def release_all(llm: LLM) -> None:
-    """Forget every persistent agent and pinned output: then no block may stay referenced."""
-    for agent in llm.agents.ids():
-        llm.release_agent(agent)
-    if llm.collector is not None:
-        llm.collector.release_outputs()
-    assert llm.pool.num_used == 0, f"{llm.pool.num_used} blocks still referenced after releasing everything"
-    llm.pool.check_invariants(holders=[])
-
-
-def all_gather_rounds(llm: LLM, rounds: int = 3, agents=None, max_tokens: int = 8):
-    """Round 0: persona + task; round r: persona + Shared(others' round r-1 outputs, rotated) + task."""
-    results = []
-    prev = None
-    for r in range(rounds):
-        prompts = []
-        for i in range(N_AGENTS):
-            if prev is None:
-                prompts.append([PERSONAS[i], TASK])
-            else:
-                others = [(i + r + j) % N_AGENTS for j in range(N_AGENTS)]
-                prompts.append([PERSONAS[i]] + [Shared(prev[j]) for j in others if j != i] + [TASK])
-        prev = llm.run_round(prompts, greedy(max_tokens), agents=agents, use_tqdm=False)
-        check_refs(llm)
-        results.append(prev)
-    return results
-
-
-def tokens(results) -> list[list[int]]:
-    return [o.token_ids for r in results for o in r]
-
-
-_BASELINE = {}
-
-
-def baseline(folder) -> list[list[int]]:
-    if folder not in _BASELINE:
-        llm = make_llm(folder, reuse="none")
-        _BASELINE[folder] = tokens(all_gather_rounds(llm))
-        release_all(llm)
-    return _BASELINE[folder]
 
 
 # --- 1. exactness at full recompute ----------------------------------------------------------
@@ -267,28 +189,6 @@ def test_persistent_agent_continuation_is_exact(folder, reuse):
 
 
 # --- 5. ref counts over rounds, persistent agents, preemption --------------------------------
-
-def persistent_rounds(llm, rounds=3):
-    """Agents 0 and 2 persist (their next prompt extends prompt + output); 1 and 3 are one-shot."""
-    agents = ["a0", None, "a2", None]
-    history = [PERSONAS[i] + TASK for i in range(N_AGENTS)]
-    prompts = [[h] for h in history]
-    outs = []
-    for r in range(rounds):
-        out = llm.run_round(prompts, greedy(6), agents=agents, use_tqdm=False)
-        check_refs(llm)
-        assert all(o.finish_reason == "length" for o in out), [o.error for o in out]
-        outs.append(out)
-        new = []
-        for i in range(N_AGENTS):
-            if agents[i] is not None:
-                history[i] = history[i] + out[i].token_ids
-                new.append([history[i]] + [Shared(out[j]) for j in range(N_AGENTS) if j != i] + [TASK])
-            else:
-                new.append([PERSONAS[i]] + [Shared(out[j]) for j in range(N_AGENTS) if j != i] + [TASK])
-        prompts = new
-    return outs
-
 
 @pytest.mark.parametrize("reuse,kwargs,blocks,preempts", [
     ("none", {}, 48, True), ("prefix", {}, 48, True), ("tokendance", {}, 56, True),

@@ -22,6 +22,7 @@ Specification:
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -74,6 +75,19 @@ def start_long_request(serving: ServingEngine):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     return ticket
+
+
+@contextlib.contextmanager
+def own_engine(llm, server, **options):
+    """A `ServingEngine` of the test's own on the module's LLM, started once the server's engine is
+    idle; stopped after, and then no block may be referenced that nothing holds."""
+    idle(server[1])
+    serving = ServingEngine(llm, **options)
+    try:
+        yield serving
+    finally:
+        serving.shutdown()
+    llm.check_invariants()
 
 
 def chat(text: str) -> list[dict]:
@@ -187,9 +201,7 @@ def test_agents_pasting_each_others_answers_share_them_without_marking(server):
 
 
 def test_requests_submitted_within_the_admission_window_run_as_one_round(llm, server):
-    idle(server[1])
-    serving = ServingEngine(llm, admission_window=1.0)
-    try:
+    with own_engine(llm, server, admission_window=1.0) as serving:
         rounds = len(llm.round_history)
         tickets = [serving.submit(chat(f"Say {word}."), SamplingParams(temperature=0, max_tokens=3))
                    for word in ("yes", "no", "maybe")]
@@ -197,8 +209,6 @@ def test_requests_submitted_within_the_admission_window_run_as_one_round(llm, se
             t.wait(60)
         assert serving.counters.batches == 1 and serving.counters.largest_batch == 3
         assert len(llm.round_history) == rounds + 1 and llm.round_history[-1]["agents"] == 3
-    finally:
-        serving.shutdown()
 
 
 def test_explicit_marking_through_extra_body(client, server):
@@ -272,9 +282,7 @@ def test_a_client_that_leaves_mid_stream_has_its_request_aborted_and_freed(serve
 
 
 def test_a_full_queue_is_refused_not_crashed(llm, server):
-    idle(server[1])
-    serving = ServingEngine(llm, admission_window=0, max_waiting=1)  # a second engine thread on the idle LLM
-    try:
+    with own_engine(llm, server, admission_window=0, max_waiting=1) as serving:
         long = start_long_request(serving)
         queued = serving.submit(chat("Hi"), SamplingParams(max_tokens=2))
         with pytest.raises(CapacityError, match="already waiting"):
@@ -282,17 +290,13 @@ def test_a_full_queue_is_refused_not_crashed(llm, server):
         serving.cancel(long)
         assert long.wait(60)[0].finish_reason == "abort"
         assert queued.wait(60)[0].finish_reason == "length"
-    finally:
-        serving.shutdown()
-    llm.check_invariants()
 
 
 def test_a_plain_request_joins_a_running_batch_and_finishes_first(llm, server):
-    idle(server[1])
+    idle(server[1])  # before the LLM is called from this thread
     hi = chat("What is 2 + 2?")
     [alone] = llm.generate([hi], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
-    serving = ServingEngine(llm, admission_window=0)
-    try:
+    with own_engine(llm, server, admission_window=0) as serving:
         long = start_long_request(serving)
         short = serving.submit(hi, SamplingParams(temperature=0, max_tokens=6))
         [out] = short.wait(60)
@@ -300,15 +304,10 @@ def test_a_plain_request_joins_a_running_batch_and_finishes_first(llm, server):
         assert out.token_ids == alone.token_ids
         serving.cancel(long)
         assert long.wait(60)[0].finish_reason == "abort"
-    finally:
-        serving.shutdown()
-    llm.check_invariants()
 
 
 def test_a_late_request_reads_the_earlier_batchs_output_as_its_producer_master(llm, server):
-    idle(server[1])
-    serving = ServingEngine(llm, admission_window=0)
-    try:
+    with own_engine(llm, server, admission_window=0) as serving:
         [answer] = serving.generate(chat("In one sentence, what is a comet?"),
                                     SamplingParams(temperature=0, max_tokens=40), timeout=60)
         before = llm.collector.counters.producer_masters
@@ -316,24 +315,19 @@ def test_a_late_request_reads_the_earlier_batchs_output_as_its_producer_master(l
                          SamplingParams(temperature=0, max_tokens=4), timeout=60)
         assert llm.collector.counters.producer_masters == before + 1  # its K/V, pinned since the first batch
         assert llm.round_history[-1]["shared_tokens"] >= len(answer.token_ids) - 3  # but its stop and boundary tokens
-    finally:
-        serving.shutdown()
 
 
-def test_a_full_queue_over_http_is_a_503_with_an_openai_error_body(llm, monkeypatch):
+def test_a_full_queue_over_http_is_a_503_with_an_openai_error_body(llm, server, monkeypatch):
     from fastapi.testclient import TestClient
     from nanodance.server import build_app
 
-    serving = ServingEngine(llm)
-    try:
+    with own_engine(llm, server) as serving:
         def full(*args, **kwargs):
             raise CapacityError("1024 requests are already waiting; retry later")
         monkeypatch.setattr(serving, "submit", full)
         r = TestClient(build_app(serving, MODEL)).post("/v1/chat/completions", json={"messages": chat("Hi")})
         assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
         assert "already waiting" in r.json()["error"]["message"]
-    finally:
-        serving.shutdown()
 
 
 def test_metrics_are_prometheus_text(server, client):
