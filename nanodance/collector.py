@@ -77,6 +77,7 @@ class CollectorCounters:
     reference_tokens: int = 0  # tokens run through `check_layer` layers for deviation scoring
     reference_token_layers: int = 0
     scored_segments: int = 0
+    outputs_released_unused: int = 0  # pinned outputs a round had no producer master to read from
     seconds: float = 0.0  # collector time, master prefill excluded (the scheduler counts that)
 
 
@@ -265,6 +266,21 @@ class Collector:
             self.counters.standalone_masters += 1
             self.counters.master_prefill_tokens += seq.num_prompt_tokens
         self._to_prefill = {}
+        self._release_unused_outputs()
+
+    def _release_unused_outputs(self) -> None:
+        """Unpin, now rather than at `end_round`, every pinned output that is no master of this round.
+
+        An output is pinned only so that this round may read it as a producer master. Once every
+        segment has its master, an output that is not one (a reference agent's prompt or a
+        standalone prefill brings its segment's master, or no prompt pastes it) would otherwise
+        sit in the pool for the whole round beside the copy actually read: on the stress preset
+        that is an output's worth of blocks per agent. A part of an output serving as a master
+        holds its own block references. Outputs kept across rounds (`keep_outputs`) stay."""
+        used = {id(m) for m in self._masters.values()}
+        for rid in [r for r, m in self.outputs.items() if id(m) not in used and r not in self.kept]:
+            self.pool.release(self.outputs.pop(rid).views)
+            self.counters.outputs_released_unused += 1
 
     def plan_round(self, prompts: list[list[int]], spans_per_agent: list[list[SharedSpan]],
                    owns: list[AgentCache | None]) -> list[AgentPlan]:

@@ -5,7 +5,7 @@
         -> generator: a snapshot (list[RequestOutput]) after every step that ran; returns RoundOutputs
 
 Closing `iterate_round` early aborts the unfinished agents and ends the round as a failure would
-(the previous round's outputs stay pinned for a retry).
+(the previous round's outputs that serve as its masters stay pinned for a retry).
 
 Data flows one way (docs/design.md, "The flow of one round"): the prompts' shared spans go to the
 collector, which returns the masters to prefill; the engine prefills them with its own step
@@ -91,7 +91,8 @@ def iterate_round(engine: Engine, encoded: list[EncodedPrompt], params: list[Sam
         finally:
             t_end = time.perf_counter()
             if collector is not None:
-                # After a failure the previous round's outputs stay usable for a retry.
+                # After a failure the previous round's outputs still pinned (those that are its
+                # producer masters) stay usable for a retry.
                 keep = {s.seq_id for s in seqs} | (set() if succeeded else set(collector.outputs))
                 collector.end_round(keep_outputs=keep)
             for i, own in zip(valid, owns):

@@ -30,7 +30,7 @@ import pytest
 from nanodance import LLM, SamplingParams, Shared
 from nanodance.errors import RequestError
 from round_workload import folder  # noqa: F401 (a fixture: the rounds' tiny Llama)
-from round_workload import make_llm
+from round_workload import check_refs, make_llm
 from tiny_checkpoints import random_ids as ids
 
 
@@ -196,7 +196,11 @@ def test_an_exception_in_on_step_aborts_the_call_and_leaks_nothing(folder):
         llm.run_round([[PROMPTS[0], Shared(r0[1])], [PROMPTS[1], Shared(r0[0])]], greedy(4), use_tqdm=False,
                       on_step=boom)
     llm.check_invariants()
-    assert llm.pool.num_used == kept  # kept caches and the pinned outputs of r0, nothing more
+    # The kept caches and the r0 outputs this round reads as masters stay for a retry; r0's
+    # other outputs were unpinned once the masters were in; nothing else is referenced.
+    assert set(llm.collector.outputs) == {r0[0].request_id, r0[1].request_id}
+    check_refs(llm)
+    assert llm.pool.num_used < kept
 
     nested = []
 

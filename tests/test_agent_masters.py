@@ -16,7 +16,8 @@ Specification:
 - the recompute choice is scored in a non-reference agent's context (in the reference's own it
   would be zero), and the cost of that scoring is counted in token-layers;
 - a segment no reference holds falls back to the "auto" rule (a standalone prefill or the
-  producer's output), and the round is still exact at ratio 1.0;
+  producer's output), and the round is still exact at ratio 1.0; pinned outputs that became no
+  master are unpinned before the agents run;
 - ref counts hold after every round with persistent reference agents, one-shot agents and a
   tight pool that preempts; the tight pool gives the roomy pool's tokens; releasing everything
   frees every block; an abort of a reference agent before it runs leaks nothing.
@@ -186,6 +187,23 @@ def test_a_short_block_no_reference_holds_falls_back_to_its_producer(folder):
     release_all(llm)
 
 
+def test_outputs_that_are_no_master_are_unpinned_before_the_agents_run(folder):
+    """Outputs 1 and 2 are cut from the reference's prompt: their pinned producer KV would only
+    sit in the pool beside the masters read. Output 0 is read as a producer master: it stays."""
+    llm = make_llm(folder, reuse="tokendance", master="agent", recompute_ratio=0.0, reference_min_new=1.0)
+    r0 = llm.run_round([[PERSONAS[i], TASK] for i in range(3)], greedy(6), use_tqdm=False)
+    prompts = [[PERSONAS[0], Shared(r0[1]), Shared(r0[2]), TASK],
+               [PERSONAS[1], Shared(r0[0]), Shared(r0[2]), TASK],
+               [PERSONAS[2], Shared(r0[1]), Shared(r0[0]), TASK]]
+    pinned_while_running = []
+    llm.run_round(prompts, greedy(), use_tqdm=False,
+                  on_step=lambda outputs: pinned_while_running.append(set(llm.collector.outputs)))
+    assert pinned_while_running[0] == {r0[0].request_id}
+    assert llm.stats()["collector_outputs_released_unused"] == 2
+    check_refs(llm)
+    release_all(llm)
+
+
 # --- 4. ref counts ----------------------------------------------------------------------------
 
 def test_ref_counts_with_persistent_reference_agents_and_preemption(folder):
@@ -195,7 +213,7 @@ def test_ref_counts_with_persistent_reference_agents_and_preemption(folder):
     assert all(out.stats["reference_agents"] for out in expected[1:])
     release_all(roomy)
 
-    tight = make_llm(folder, reuse="tokendance", master="agent", kv_cache_blocks=56)
+    tight = make_llm(folder, reuse="tokendance", master="agent", kv_cache_blocks=48)
     got = persistent_rounds(tight)
     assert tight.stats()["preemptions"] > 0, "the pool was meant to be tight enough to preempt"
     assert tokens(got) == tokens(expected)
