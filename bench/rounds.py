@@ -87,6 +87,8 @@ def config_name(c: dict) -> str:
     if c["reuse"] in ("none", "prefix"):
         return c["reuse"]
     name = f"{c['reuse']} r={c['recompute_ratio']:g} {c['recompute_scheme']}"
+    if c.get("recompute_chunk"):
+        name += f" chunk {c['recompute_chunk']}"
     # pic's master source is named only when it is not the producer's (the main table's pic).
     return name + (f" {c['master']}" if c["reuse"] == "tokendance" or c["master"] != "producer" else "")
 
@@ -140,6 +142,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                          "all of " + ",".join(main_key(c) for c in MAIN_CONFIGS) + "); none always runs first")
     ap.add_argument("--main-ratio", type=float, default=None,
                     help="recompute_ratio of the main table's pic and tokendance configs (default 0.15)")
+    ap.add_argument("--recompute-chunk", type=int, default=None,
+                    help="the engine's recompute_chunk for the main table's pic and tokendance configs "
+                         "(the block scheme's unit in tokens; default: the block size)")
     ap.add_argument("--masters", default=",".join(MASTERS),
                     help=f"the sweep's master sources (default {','.join(MASTERS)})")
     ap.add_argument("--reference-min-new", type=float, default=None,
@@ -150,6 +155,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error("--agents must be >= 2, --answer-tokens and --round1-tokens >= 1")
     if args.threads is not None and args.threads < 1:
         ap.error("--threads must be >= 1")
+    if args.recompute_chunk is not None and args.recompute_chunk < 1:
+        ap.error("--recompute-chunk must be >= 1")
     return args
 
 
@@ -360,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     main_configs = [c for c in MAIN_CONFIGS if wanted is None or main_key(c) in wanted]
     if args.main_ratio is not None:
         main_configs = [dict(c, recompute_ratio=args.main_ratio) if "recompute_ratio" in c else c for c in main_configs]
+    if args.recompute_chunk is not None:
+        main_configs = [dict(c, recompute_chunk=args.recompute_chunk) if "recompute_ratio" in c else c
+                        for c in main_configs]
     for cfg in main_configs[:1] if args.sweep_only else main_configs:
         t0 = time.perf_counter()
         rows.append(run_config(cfg, args, folder, kv_blocks, rows[0]["round0_ids"] if rows else None))

@@ -112,26 +112,31 @@ class Config:
     scheme: str = "block"
     ratio: float = 0.15
     master: str = "producer"
+    chunk: int | None = None  # the block scheme's unit in tokens (None: the block size)
 
     @property
     def label(self) -> str:
         if self.reuse in ("none", "prefix"):
             return self.reuse
-        default = (self.scheme, self.ratio, self.master) == ("block", 0.15, "producer")
+        default = (self.scheme, self.ratio, self.master, self.chunk) == ("block", 0.15, "producer", None)
         if default:
             return self.reuse
         name = f"{'td' if self.reuse == 'tokendance' else 'pic'} {self.scheme} {self.ratio:g}"
-        return name + ("" if self.master == "producer" else f" {self.master}")
+        name += "" if self.master == "producer" else f" {self.master}"
+        return name + ("" if self.chunk is None else f" chunk {self.chunk}")
 
     def engine_kwargs(self) -> dict:
         kw = {"reuse": self.reuse}
         if self.reuse in ("pic", "tokendance"):
             kw.update(recompute_ratio=self.ratio, recompute_scheme=self.scheme, master=self.master)
+            if self.chunk is not None:
+                kw.update(recompute_chunk=self.chunk)
         return kw
 
 
 def parse_config(text: str) -> Config:
-    """'none' | 'prefix' | 'pic[:scheme:ratio]' | 'tokendance[:scheme:ratio[:master]]'."""
+    """'none' | 'prefix' | 'pic|tokendance[:scheme[:ratio[:master[:chunk]]]]' (chunk: the block
+    scheme's unit in tokens)."""
     parts = text.strip().split(":")
     if parts[0] not in MODES:
         raise ValueError(f"config {text!r}: mode must be one of {MODES}")
@@ -140,7 +145,10 @@ def parse_config(text: str) -> Config:
     scheme = parts[1] if len(parts) > 1 and parts[1] else "block"
     ratio = float(parts[2]) if len(parts) > 2 else 0.15
     master = parts[3] if len(parts) > 3 else "producer"
-    return Config(parts[0], scheme, ratio, master)
+    chunk = int(parts[4]) if len(parts) > 4 else None
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"config {text!r}: chunk must be >= 1")
+    return Config(parts[0], scheme, ratio, master, chunk)
 
 
 # ---------------------------------------------------------------------- backends

@@ -24,8 +24,9 @@ reference agents are exact. Segments no reference holds fall back to the "auto" 
 
 The recompute choice is made once per segment (collective) in one reference context, or per
 agent (`selection="per_agent"`, and always for `pic`), by one of the schemes:
-- "block": the segment's first block, then the blocks (segment-relative chunks of block_size
-  tokens) with the largest key deviation at the check layer, until `ratio` of it is chosen;
+- "block": the segment's first chunk, then the chunks (segment-relative runs of
+  `recompute_chunk` tokens, a KV block's worth unless set) with the largest key deviation at
+  the check layer, until `ratio` of it is chosen;
 - "first": the first ceil(ratio * len) tokens of the segment (EPIC's LegoLink; no scoring);
 - "token": the first token, then the tokens with the largest deviation (CacheBlend); each chosen
   token takes one packed slot of the agent's diff blocks.
@@ -81,9 +82,10 @@ class CollectorCounters:
     seconds: float = 0.0  # collector time, master prefill excluded (the scheduler counts that)
 
 
-def select_offsets(length: int, ratio: float, scheme: str, block_size: int,
+def select_offsets(length: int, ratio: float, scheme: str, chunk: int,
                    deviation: torch.Tensor | None) -> list[int]:
-    """Segment offsets to recompute, sorted. `deviation` is fp32 [length] (not needed for "first")."""
+    """Segment offsets to recompute, sorted. `chunk` is the "block" scheme's unit in tokens;
+    `deviation` is fp32 [length] (not needed for "first")."""
     target = math.ceil(ratio * length - 1e-9)
     if target <= 0:
         return []
@@ -95,14 +97,14 @@ def select_offsets(length: int, ratio: float, scheme: str, block_size: int,
     if scheme == "token":
         rest = torch.argsort(deviation[1:], descending=True, stable=True) + 1
         return sorted([0] + rest[:target - 1].tolist())
-    num_chunks = math.ceil(length / block_size)
-    per_chunk = kernels.per_block_sum(deviation, torch.arange(length) // block_size, num_chunks)
+    num_chunks = math.ceil(length / chunk)
+    per_chunk = kernels.per_block_sum(deviation, torch.arange(length) // chunk, num_chunks)
     order = [0] + [c for c in torch.argsort(per_chunk[1:], descending=True, stable=True).add(1).tolist()]
     chosen: list[int] = []
     for c in order:
         if len(chosen) >= target:
             break
-        chosen.extend(range(c * block_size, min(length, (c + 1) * block_size)))
+        chosen.extend(range(c * chunk, min(length, (c + 1) * chunk)))
     return sorted(chosen)
 
 
@@ -339,7 +341,7 @@ class Collector:
         """Recomputed offsets per (agent, span index): once per segment, or per agent."""
         cfg, bs = self.cfg, self.block_size
         if not needs_scoring(cfg):
-            return {(a, i): select_offsets(s.length, cfg.recompute_ratio, cfg.recompute_scheme, bs, None)
+            return {(a, i): select_offsets(s.length, cfg.recompute_ratio, cfg.recompute_scheme, cfg.chunk_tokens, None)
                     for a, spans in enumerate(spans_per_agent) for i, s in enumerate(spans)}
         # Reference agents read no master (their carrier is exact) and would score agent masters
         # at zero deviation: they are never scored, and need no choice.
@@ -373,7 +375,8 @@ class Collector:
             if (a, i) in found:
                 dev[:len(found[(a, i)])] = found[(a, i)]
             self.counters.scored_segments += 1
-            chosen_by_pair[(a, i)] = select_offsets(span.length, cfg.recompute_ratio, cfg.recompute_scheme, bs, dev)
+            chosen_by_pair[(a, i)] = select_offsets(span.length, cfg.recompute_ratio, cfg.recompute_scheme,
+                                                    cfg.chunk_tokens, dev)
         out.update({(a, i): chosen_by_pair[(a, i) if cfg.per_agent_selection else scored[s.key]]
                     for a, spans in enumerate(spans_per_agent) if a not in refs for i, s in enumerate(spans)})
         return out

@@ -42,6 +42,7 @@ class EngineConfig:
     seed: int = 0  # the engine's sampling generator (a request's own `seed` overrides it)
     recompute_ratio: float = 0.05  # share of each shared block recomputed in each agent's context
     recompute_scheme: str = "block"  # "block" | "first" | "token"
+    recompute_chunk: int | None = None  # "block": its unit in tokens; None: block_size (packed diffs need no whole blocks)
     master: str = "agent"  # "producer" (last round's decode KV) | "standalone" (prefilled alone) | "auto"
     #                       | "agent" (cut from reference agents' exact prompts; the rest as "auto")
     auto_standalone_tokens: int = 64  # "auto" (and "agent"'s fallback): blocks this long or longer get standalone masters
@@ -60,7 +61,7 @@ class EngineConfig:
     def validate(self) -> None:
         """Raise RequestError naming the first bad option; nothing has been built yet."""
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_blocks", "kv_cache_memory",
-                     "max_model_len", "auto_standalone_tokens", "auto_shared_min_tokens", "auto_shared_outputs",
+                     "max_model_len", "recompute_chunk", "auto_standalone_tokens", "auto_shared_min_tokens", "auto_shared_outputs",
                      "tensor_parallel_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -118,6 +119,13 @@ class EngineConfig:
     def finds_shared(self) -> bool:
         """Prompts are searched for recent outputs (auto_shared.py), which then count as `Shared`."""
         return self.uses_collector and self.auto_shared
+
+    @property
+    def chunk_tokens(self) -> int:
+        """The "block" scheme's unit: it recomputes a segment's first chunk of this many tokens,
+        then its most deviating chunks. Packed diffs store any run of recomputed tokens densely,
+        so the unit is free to be shorter than a KV block."""
+        return self.recompute_chunk or self.block_size
 
     @property
     def auto_shared_threshold(self) -> int:

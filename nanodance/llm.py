@@ -56,8 +56,9 @@ class LLM:
                              position-independent reuse, CacheBlend-style) | "tokendance"
     seed=0                   the engine's sampling generator (a request's own `seed` overrides it)
     recompute_ratio=0.05     share of each shared block each agent recomputes (1.0 is exact)
-    recompute_scheme="block" "block" (first block + most deviating blocks) | "first" (first
+    recompute_scheme="block" "block" (first chunk + most deviating chunks) | "first" (first
                              tokens, no scoring) | "token" (first token + most deviating tokens)
+    recompute_chunk=None     the "block" scheme's chunk in tokens; None is block_size
     master="agent"           where a shared block's K/V comes from: "producer" (the earlier
                              round's decode, no prefill), "standalone" (prefilled on its own;
                              better for long blocks of about 100 tokens or more), or "auto":
@@ -300,11 +301,11 @@ class LLM:
         """Change reuse options between calls (e.g. a recompute-ratio sweep on one engine).
 
         Only what the collector reads may change (`recompute_ratio`, `recompute_scheme`,
-        `check_layer`, `selection`, `master_sink`, `auto_shared`, `auto_shared_min_tokens`, and
+        `recompute_chunk`, `check_layer`, `selection`, `master_sink`, `auto_shared`, `auto_shared_min_tokens`, and
         `reuse` between "pic" and "tokendance").
         """
         self._check_idle()
-        allowed = {"recompute_ratio", "recompute_scheme", "check_layer", "selection", "master_sink", "reuse",
+        allowed = {"recompute_ratio", "recompute_scheme", "recompute_chunk", "check_layer", "selection", "master_sink", "reuse",
                    "auto_shared", "auto_shared_min_tokens"}
         fixed = sorted(set(options) - allowed)
         if fixed:

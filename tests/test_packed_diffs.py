@@ -8,6 +8,7 @@ Specification:
 - layout: an agent's private text and recomputed tokens share blocks whatever their positions:
   its private K/V takes ceil(private tokens / block_size) blocks, and the round's `stats` say
   so (diff tokens, diff blocks, how full they are, mirror compression per slot and per block);
+- the block scheme recomputes chunks of `recompute_chunk` tokens (a block's worth by default);
 - exactness: with `recompute_ratio=1.0` packed layouts give the tokens of `reuse="none"`
   (tests/test_rounds.py checks every scheme and master source).
 """
@@ -20,6 +21,7 @@ import torch
 
 from nanodance import LLM, SamplingParams, Shared
 from nanodance.attention_metadata import build_metadata
+from nanodance.errors import RequestError
 from nanodance.kernels.torch_ref import paged_attention_torch, rope_cos_sin, rotate
 from nanodance.tools.synthetic import default_inv_freq
 from tiny_checkpoints import random_ids, write_tiny_checkpoint
@@ -126,6 +128,26 @@ def test_recomputed_tokens_take_one_slot_each_and_the_stats_say_so(folder):
     assert st["diff_block_fill"] == 2 / BLOCK
     assert st["mirror_compression_slots"] == 8 / 2 and st["mirror_compression_blocks"] == 2 / 1
     llm.check_invariants()
+
+
+@pytest.mark.parametrize("chunk,recomputed", [(None, BLOCK), (2, 2), (1, 1)])
+def test_the_block_scheme_recomputes_chunks_of_recompute_chunk_tokens(folder, chunk, recomputed):
+    """At a small ratio the block scheme recomputes the first chunk of each shared block: a KV
+    block's worth by default, `recompute_chunk` tokens when set (packing needs no whole block)."""
+    llm = LLM(folder, dtype="float32", device="cpu", block_size=BLOCK, kv_cache_blocks=64, recompute_ratio=0.05,
+              recompute_chunk=chunk, master="standalone", master_sink=False)
+    common = Shared(random_ids(10, seed=4))
+    prompts = [[random_ids(2, seed=80 + i), common, random_ids(1, seed=90 + i)] for i in range(3)]
+    st = llm.run_round(prompts, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False).stats
+    assert st["prefill_tokens_recomputed"] == 3 * recomputed
+    assert st["diff_tokens"] == 3 * recomputed
+    llm.check_invariants()
+
+
+def test_recompute_chunk_must_be_a_positive_int(folder):
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(RequestError, match="recompute_chunk must be a positive int"):
+            LLM(folder, dtype="float32", device="cpu", recompute_chunk=bad)
 
 
 def first_logits(folder, block_size: int, prompts) -> torch.Tensor:
