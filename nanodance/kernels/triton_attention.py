@@ -341,7 +341,12 @@ def plan_attention(num_tokens: int, num_seqs: int, max_seqlen_q: int, max_views:
     views_per_tile = max(1, tile_keys // block_size)
     if packed:
         context = max(max_kv_len if max_kv_len is not None else max_views * block_size, 1)
-        block_n = max(16, tile_keys)  # >= 16: tl.dot's minimum on GPUs
+        # Every packed tile may rotate K per column (fp32 cos/sin over N x D/2), which costs
+        # registers: bf16/fp16 decode N64 needs 8 warps, fp32 needs N16 (4 warps in decode, 8
+        # in prefill) to compile without spills (ptxas, sm_90). 16 is tl.dot's minimum on GPUs.
+        block_n = 16 if fp32 else max(16, tile_keys)
+        if decode:
+            num_warps = 4 if fp32 else 8
         num_tiles = triton.cdiv(context, block_n)  # N tiles of the longest key list
     else:
         context = max_views * block_size
