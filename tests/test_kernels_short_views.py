@@ -18,45 +18,24 @@ from nanodance.attention_metadata import build_metadata
 from nanodance.kernels.torch_ref import paged_attention_torch
 from nanodance.kernels.triton_attention import (PAD_KEY_POS, build_key_map, paged_attention_triton, plan_attention,
                                                 prefers_packed, step_key_map)
-from nanodance.tools.synthetic import default_inv_freq, fill_cache
+from nanodance.tools.synthetic import SlotPacker, default_inv_freq, fill_cache, short_views
 from test_kernels import DECODE, MIXED, TOL, Case, assert_matches, build_case, run_triton
-
-
-def short_views(rng: random.Random, kv_len: int, block_size: int, alloc, *, start: int = 0,
-                max_len: int = 4, p_zero: float = 0.1) -> list:
-    """Views covering [start, start + kv_len) in runs of 1..max_len tokens, each packed into the
-    next free slots of a diff block (`alloc(n)` -> (block, lo)) with its own delta (0 sometimes)."""
-    views, pos, end = [], start, start + kv_len
-    while pos < end:
-        n = min(rng.randint(1, max_len), end - pos)
-        block, lo = alloc(n)
-        delta = 0 if rng.random() < p_zero else rng.randint(-3000, 3000)
-        views.append((block, lo, lo + n, pos, delta))
-        pos += n
-    return views
 
 
 def build_short_case(seed: int, dtype: torch.dtype, block_size: int, head_dim: int, group: int,
                      num_kv_heads: int, seqs: list, *, max_len: int = 4, start: int = 0) -> Case:
-    """seqs: (kv_len, queries) per sequence, as in test_kernels.build_case; kv_len 0 = no views."""
+    """seqs: (kv_len, queries) per sequence, as in test_kernels.build_case; kv_len 0 = no views.
+    Every view is 1..max_len tokens packed into diff blocks, with its own delta (0 sometimes)."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    state = {"block": 0, "free": block_size}  # block 0 stays unused (NaN)
-
-    def alloc(n: int) -> tuple[int, int]:
-        if state["free"] + n > block_size:
-            state["block"], state["free"] = state["block"] + 1, 0
-        state["free"] += n
-        return state["block"], state["free"] - n
-
+    packer = SlotPacker(block_size, first_block=1)  # block 0 stays unused (NaN)
     views, q_pos = [], []
     for kv_len, queries in seqs:
-        views.append(short_views(rng, kv_len, block_size, alloc, start=start, max_len=max_len))
+        views.append(short_views(rng, kv_len, packer, start=start, max_len=max_len))
         end = start + max(kv_len, 1)
         q_pos.append(list(range(end - queries, end)) if isinstance(queries, int) else queries)
-    num_blocks = state["block"] + 2
-    k_cache = fill_cache(num_blocks, block_size, num_kv_heads, head_dim, views, dtype, generator=gen)
-    v_cache = fill_cache(num_blocks, block_size, num_kv_heads, head_dim, views, dtype, generator=gen)
+    k_cache = fill_cache(packer.num_blocks, block_size, num_kv_heads, head_dim, views, dtype, generator=gen)
+    v_cache = fill_cache(packer.num_blocks, block_size, num_kv_heads, head_dim, views, dtype, generator=gen)
     meta = build_metadata(views, q_pos, block_size)
     q = torch.randn(meta.q_pos.numel(), group * num_kv_heads, head_dim, generator=gen).to(dtype)
     return Case(q, k_cache, v_cache, meta, views, q_pos, default_inv_freq(head_dim), head_dim ** -0.5)
