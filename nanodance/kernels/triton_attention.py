@@ -2,7 +2,16 @@
 split-K variant for long decodes and the merge kernel that combines its partial results.
 
 Owns `paged_attention_triton` (same signature as `torch_ref.paged_attention_torch`, plus
-keyword-only test/tuning knobs) and `plan_attention`, the launch heuristic.
+keyword-only test/tuning knobs: `num_splits`, `packed`, `out`, `poison_scratch`),
+`plan_attention` (the launch heuristic; `prefers_packed` is its choice of path), and the
+token-packed path's key map (`build_key_map`, cached per step by `step_key_map`).
+
+Two paths through one kernel (constexpr PACKED):
+  * page path (block-aligned views): an N tile is whole views, P slots each;
+  * token-packed path (many short views, as packed diffs make them): an N tile is BLOCK_N
+    consecutive keys of the sequence in view order, whatever views they come from, read
+    through a key map built once per step on the device. A 1-token view costs one column, not
+    P mostly masked ones.
 
 Shapes (T query tokens, B sequences, Hq = GROUP * Hkv heads, D head_dim, P block size):
     q        [T, Hq, D]          queries, already rotated at their own positions (any strides)
@@ -10,20 +19,28 @@ Shapes (T query tokens, B sequences, Hq = GROUP * Hkv heads, D head_dim, P block
     out      [T, Hq, D]          q.dtype
     split-K scratch: partial fp32 [T, Hq, S, D] (normalized per split), lse fp32 [T, Hq, S]
     (log2 domain). Metadata: `nanodance.attention_metadata.AttentionMetadata`.
+    token-packed path: key_map int32 [3, B, L] (L = meta.max_kv_len; fields: flat pool slot
+    block * P + slot, key position, rope delta), num_keys int32 [B]; kept in meta.step_cache.
 
 How one program works (grid: q tiles x Hkv heads x splits):
   * M tile = BLOCK_Q query tokens x GROUP_PAD heads of one KV head (GQA packing), so each K/V
     tile is loaded once for all query heads that share it. Row m is token m // GROUP_PAD, head
     m % GROUP_PAD; padded heads and tokens past the sequence are masked.
-  * N tile = VIEWS_PER_TILE consecutive views of the sequence, each contributing its block's
-    P slots; slots outside [lo, hi) are masked (their memory may hold anything, even NaN).
-  * Causal by position: key position pos0 + slot - lo <= query position.
+  * N tile, page path: VIEWS_PER_TILE consecutive views of the sequence, each contributing
+    its block's P slots; slots outside [lo, hi) are masked (their memory may hold anything,
+    even NaN). Token-packed path: BLOCK_N consecutive key-map columns, each loading K/V by
+    its flat slot; only the columns past the sequence's num_keys are masked.
+  * Causal by position: key position (pos0 + slot - lo, or the key map's) <= query position.
+    Split-K cuts each sequence's views (page) or key columns (packed) into S ranges.
   * RoPE deltas: scores (R(-d) q) . k equal q . (R(d) k), so the kernel rotates whichever
     tile is smaller, in fp32, once per tile; the common d = 0 tile does no extra work.
     Decode (M <= N): the query tile is rotated by -d and K is used exactly as stored; a tile
     that straddles views with different deltas (a segment edge) is scored once per view.
     Prefill (M > N, ROTATE_KEYS): each key is rotated forward by its own view's delta (one
     angle per head-dim pair when the tile's views share it), then rounded for the dot once.
+    Token-packed (always ROTATE_KEYS): a tile of short views holds up to BLOCK_N distinct
+    deltas, so each key column is rotated by its own delta in fp32 (one cos/sin per column and
+    dim pair); rotating the query instead would cost a rotation and a dot per distinct delta.
   * Online softmax in fp32 with exp2 (scale folded into log2 units); a row that sees no key
     keeps l = 0 and is written as zeros, never NaN.
 The head dim is processed as two halves (see triton_common) so rotations are elementwise.
@@ -389,7 +406,9 @@ def build_key_map(views: torch.Tensor, num_views: torch.Tensor, block_size: int,
     # The view that holds column c: the first whose end exceeds c (empty views never do).
     owner = torch.searchsorted(ends, col[None, :].expand(B, L).contiguous(), right=True).clamp(max=V - 1)
     offset = col[None, :] - torch.gather(starts, 1, owner)
-    num_keys = ends[:, -1]
+    # max_kv_len bounds every sequence's key count (the metadata contract); clamping keeps a
+    # wrong bound from sending the kernel past the map (the twin truncates at it alike).
+    num_keys = ends[:, -1].clamp(max=L)
     valid = col[None, :] < num_keys[:, None]
     flat_slot = torch.gather(block * block_size + lo, 1, owner) + offset
     pos = torch.gather(pos0, 1, owner) + offset
