@@ -23,15 +23,19 @@ from test_kernels import DECODE, MIXED, TOL, Case, assert_matches, build_case, r
 
 
 def build_short_case(seed: int, dtype: torch.dtype, block_size: int, head_dim: int, group: int,
-                     num_kv_heads: int, seqs: list, *, max_len: int = 4, start: int = 0) -> Case:
+                     num_kv_heads: int, seqs: list, *, max_len: int = 4, start: int = 0,
+                     shuffle_views: bool = False) -> Case:
     """seqs: (kv_len, queries) per sequence, as in test_kernels.build_case; kv_len 0 = no views.
-    Every view is 1..max_len tokens packed into diff blocks, with its own delta (0 sometimes)."""
+    Every view is 1..max_len tokens packed into diff blocks, with its own delta (0 sometimes);
+    `shuffle_views` lists them out of position order (the key map then is too)."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     packer = SlotPacker(block_size, first_block=1)  # block 0 stays unused (NaN)
     views, q_pos = [], []
     for kv_len, queries in seqs:
         views.append(short_views(rng, kv_len, packer, start=start, max_len=max_len))
+        if shuffle_views:
+            rng.shuffle(views[-1])
         end = start + max(kv_len, 1)
         q_pos.append(list(range(end - queries, end)) if isinstance(queries, int) else queries)
     k_cache = fill_cache(packer.num_blocks, block_size, num_kv_heads, head_dim, views, dtype, generator=gen)
@@ -58,6 +62,9 @@ PACKED_CASES = [
     (torch.float16, 16, 64, 3, 1, SHORT_MIXED, {"max_len": 1}),
     (torch.bfloat16, 8, 64, 1, 2, SHORT_DECODE, {"num_splits": 3}),  # split-K over key columns
     (torch.float32, 16, 64, 4, 1, [(90, 1), (20, 1)], {"num_splits": 4}),
+    # Views out of position order, queries at scattered positions (recomputed tokens between
+    # reused ones): the prefill's causal skip must scan, not search, the key map.
+    (torch.float32, 8, 64, 4, 1, [(40, [5, 6, 7, 30, 39]), (33, 33)], {"shuffle_views": True}),
 ]
 
 
@@ -66,8 +73,9 @@ PACKED_CASES = [
 def test_packed_path_matches_twin(dtype, block_size, head_dim, group, num_kv_heads, seqs, extra):
     extra = dict(extra)
     max_len = extra.pop("max_len", 4)
+    shuffle = extra.pop("shuffle_views", False)
     c = build_short_case(block_size * 100 + head_dim + group, dtype, block_size, head_dim, group, num_kv_heads,
-                         seqs, max_len=max_len)
+                         seqs, max_len=max_len, shuffle_views=shuffle)
     assert prefers_packed(c.meta.max_views, c.meta.max_kv_len, block_size)
     assert_matches(run_triton(c, packed=True, **extra), twin(c), dtype)
 
