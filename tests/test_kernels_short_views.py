@@ -16,8 +16,8 @@ import torch
 
 from nanodance.attention_metadata import build_metadata
 from nanodance.kernels.torch_ref import paged_attention_torch
-from nanodance.kernels.triton_attention import (PAD_KEY_POS, build_key_map, paged_attention_triton, plan_attention,
-                                                prefers_packed, step_key_map)
+from nanodance.kernels.triton_attention import (PAD_KEY_POS, build_key_map, plan_attention, prefers_packed,
+                                                step_key_map)
 from nanodance.tools.synthetic import SlotPacker, default_inv_freq, fill_cache, short_views
 from test_kernels import DECODE, MIXED, TOL, Case, assert_matches, build_case, run_triton
 

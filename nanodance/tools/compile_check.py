@@ -162,7 +162,8 @@ def representative_launches(quick: bool = False) -> list[Launch]:
         attention("decode split bf16 token-packed", bf16, 32, 8, 128, 16, [(3000, 1)], num_splits=4, packed=True)
         attention("decode fp32 token-packed", torch.float32, 16, 4, 128, 16, [(100, 1)] * 2, packed=True)
         attention("prefill fp32 token-packed", torch.float32, 16, 4, 128, 16, [(100, 100)], packed=True)
-        attention("prefill fp16 G3 D64 P32 token-packed", torch.float16, 9, 3, 64, 32, [(100, 100)], packed=True)
+        attention("prefill fp16 G3 D64 P32 token-packed", torch.float16, 9, 3, 64, 32, [(100, 100)],
+                  packed=True)
     k = torch.zeros(40, 8, 128, dtype=bf16)
     cache = torch.zeros(8, 16, 8, 128, dtype=bf16)
     slots = torch.arange(40)
