@@ -182,7 +182,8 @@ def representative_launches(quick: bool = False) -> list[Launch]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, action="append", help="SM version, e.g. 90 (H100), 80 (A100)")
-    parser.add_argument("--quick", action="store_true", help="only decode and long prefill (both paths), and the KV kernels")
+    parser.add_argument("--quick", action="store_true",
+                        help="only decode and long prefill (both paths), and the KV kernels")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check needs the real compiler: unset TRITON_INTERPRET (or set it to 0).")
