@@ -8,11 +8,15 @@ in a few minutes on an H100.
 
 Prints one table:
   * correctness (fp32, bf16) of paged attention (mixed prefill+decode with lo > 0, partial
-    blocks and +/- deltas; split-K decode), store_kv, key_deviation and rotate_copy;
+    blocks and +/- deltas; split-K decode; short views on the token-packed path), store_kv,
+    key_deviation and rotate_copy;
   * decode attention time and achieved HBM GB/s at batch 1/16/64 x context 1K/4K/16K
     (K+V bytes read / time), against the device's measured copy bandwidth;
   * prefill time against torch.nn.functional.scaled_dot_product_attention (dense, causal);
   * the cost of non-zero deltas against zero deltas (decode and prefill);
+  * short views (packed diffs): the same keys through many 1-4-token views, each with its own
+    delta, on the page path, the token-packed path and the heuristic's pick, as a ratio to the
+    block-aligned batch (untimed on a GPU so far: no goal is set for them yet);
 and then the issue's goals: decode >= 70% of HBM bandwidth at 64 x 4K, non-zero deltas <= 10%
 slower, prefill within 2x of SDPA. Shapes follow a Llama-3-8B layer: 32 query heads, 8 KV
 heads, head_dim 128, block size 16, bf16.
@@ -107,26 +111,32 @@ def run(dev: torch.device, shapes: dict, bench_ms) -> int:
 
     # ------------------------------------------------------------ correctness vs twins
     from nanodance.attention_metadata import build_metadata
-    from nanodance.tools.synthetic import fill_cache, random_views
+    from nanodance.tools.synthetic import SlotPacker, fill_cache, random_views, short_views
 
-    def random_case(dtype, seqs, seed, deltas=(0, 0, 17, -45, 1000, -3000)):
+    def random_case(dtype, seqs, seed, deltas=(0, 0, 17, -45, 1000, -3000), short=False):
+        """Block views (lo > 0, partial blocks, segment deltas), or with `short` views of 1-4
+        tokens packed into diff blocks, each with its own delta."""
         rng = random.Random(seed)
         gen = torch.Generator().manual_seed(seed)
         counter = iter(range(1, 1 << 30))
+        packer = SlotPacker(PAGE, first_block=1)
         views, q_pos = [], []
         for kv_len, nq in seqs:
-            views.append(random_views(rng, kv_len, PAGE, lambda: next(counter), p_lo=0.2, p_partial=0.2,
-                                      deltas=deltas, max_segment_views=8))
+            if short:
+                views.append(short_views(rng, kv_len, packer, max_len=4, max_delta=5000))
+            else:
+                views.append(random_views(rng, kv_len, PAGE, lambda: next(counter), p_lo=0.2, p_partial=0.2,
+                                          deltas=deltas, max_segment_views=8))
             q_pos.append(list(range(kv_len - nq, kv_len)))
-        nb = 1 + sum(len(v) for v in views)
+        nb = packer.num_blocks if short else 1 + sum(len(v) for v in views)
         kc = fill_cache(nb, PAGE, HKV, D, views, dtype, dev, gen, poison=True)
         vc = fill_cache(nb, PAGE, HKV, D, views, dtype, dev, gen, poison=True)
         meta = build_metadata(views, q_pos, PAGE, dev)
         q = torch.randn(meta.q_pos.numel(), HQ, D, generator=gen).to(dtype).to(dev)
         return q, kc, vc, meta
 
-    def check_attention(dtype, seqs, label, **kw):
-        q, kc, vc, meta = random_case(dtype, seqs, seed=len(seqs))
+    def check_attention(dtype, seqs, label, short=False, **kw):
+        q, kc, vc, meta = random_case(dtype, seqs, seed=len(seqs), short=short)
         ref = torch_ref.paged_attention_torch(q, kc, vc, meta, inv, scale).float()
         out = paged_attention_triton(q, kc, vc, meta, inv, scale, out=torch.full_like(q, float("nan")), **kw).float()
         err = (out - ref).abs().max().item()
@@ -140,6 +150,8 @@ def run(dev: torch.device, shapes: dict, bench_ms) -> int:
         guarded(f"attention mixed {dtype}", lambda dtype=dtype: check_attention(dtype, shapes["mixed"], "mixed"))
         guarded(f"attention split {dtype}", lambda dtype=dtype: check_attention(
             dtype, shapes["split"], "split-K", num_splits=16))
+        guarded(f"attention packed {dtype}", lambda dtype=dtype: check_attention(
+            dtype, shapes["mixed"], "short views packed", short=True, packed=True))
 
     def check_kv(dtype):
         gen = torch.Generator(device=dev).manual_seed(0)
@@ -305,14 +317,45 @@ def run(dev: torch.device, shapes: dict, bench_ms) -> int:
                                  max_seqlen_q=meta.max_seqlen_q, max_views=nv, max_kv_len=meta.max_kv_len,
                                  block_size=PAGE)
 
+    def all_short_views(meta, seed=1):
+        """Every full-block view cut into runs of 1-4 tokens, each with its own delta: the same
+        keys in about PAGE / 2.5 times the views."""
+        rng = random.Random(seed)
+        rows = []
+        for seq_views in meta.views.cpu().tolist():
+            out = []
+            for block, lo, hi, pos0, _ in seq_views:
+                x = lo
+                while x < hi:
+                    y = min(hi, x + rng.randint(1, 4))
+                    out.append((block, x, y, pos0 + x - lo, rng.randint(-5000, 5000)))
+                    x = y
+            rows.append(out)
+        nv = max(len(r) for r in rows)
+        rows = [r + [(0, 0, 0, 0, 0)] * (nv - len(r)) for r in rows]
+        return AttentionMetadata(cu_seqlens_q=meta.cu_seqlens_q, q_pos=meta.q_pos, slot_mapping=meta.slot_mapping,
+                                 views=torch.tensor(rows, dtype=torch.int32, device=dev).contiguous(),
+                                 num_views=torch.full_like(meta.num_views, nv), max_seqlen_q=meta.max_seqlen_q,
+                                 max_views=nv, max_kv_len=meta.max_kv_len, block_size=PAGE)
+
     def short_view_row(B, ctx, nq):
+        """The same keys through block-aligned views (each its own delta: the baseline) and
+        through short views, on the page path, the token-packed path and the heuristic's pick."""
+        from nanodance.kernels.triton_attention import prefers_packed
+
         q, (kc, vc), meta_every = paged_batch(B, ctx, nq, "every")
-        meta_short = split_views(meta_every)
         t_every = bench_ms(lambda: paged_attention_triton(q, kc, vc, meta_every, inv, scale))
-        t_short = bench_ms(lambda: paged_attention_triton(q, kc, vc, meta_short, inv, scale))
         kind = "decode" if nq == 1 else "prefill"
-        row(f"short views ({kind})", f"B={B} ctx={ctx}",
-            f"3x views, half 1-4 tokens: {t_short * 1e3:.1f} us vs {t_every * 1e3:.1f} us ({t_short / t_every:.2f}x)")
+        for label, meta in (("3x views, half 1-4 tok", split_views(meta_every)),
+                            ("all views 1-4 tokens", all_short_views(meta_every))):
+            times = {}
+            for path, forced in (("page", False), ("packed", True), ("auto", None)):
+                times[path] = bench_ms(lambda forced=forced: paged_attention_triton(
+                    q, kc, vc, meta, inv, scale, packed=forced))
+            auto = prefers_packed(meta.max_views, meta.max_kv_len, PAGE)
+            text = "  ".join(f"{p} {t * 1e3:.1f} us ({t / t_every:.2f}x)" for p, t in times.items())
+            row(f"short views ({kind})", f"B={B} ctx={ctx}",
+                f"{label}: {text}; auto={'packed' if auto else 'page'}; block-aligned {t_every * 1e3:.1f} us")
 
     for B, ctx, nq in shapes["delta"]:
         guarded(f"short views B={B} ctx={ctx}", lambda B=B, ctx=ctx, nq=nq: short_view_row(B, ctx, nq))

@@ -18,8 +18,8 @@ def test_gpu_bench_runs_every_section_in_smoke_mode():
     assert r.returncode in (0, 1), out  # 1: a timing goal failed, meaningless on CPU
     assert "ERROR" not in out, out
     correctness = [line for line in out.splitlines() if "correct:" in line]
-    assert len(correctness) == 10 and all(line.strip().startswith("PASS") for line in correctness), out
-    for section in ("decode attention", "prefill attention", "delta cost", "split-K effect"):
+    assert len(correctness) == 12 and all(line.strip().startswith("PASS") for line in correctness), out
+    for section in ("decode attention", "prefill attention", "delta cost", "split-K effect", "short views"):
         assert section in out, out
 
 

@@ -124,7 +124,8 @@ def ptxas_report(compiled, arch: int) -> str:
 
 def representative_launches(quick: bool = False) -> list[Launch]:
     """Launches the engine makes: decode, split-K decode, long and short prefill (bf16), fp32,
-    fp16 with head_dim 64 and GQA 3, block size 32, and the KV/diff kernels."""
+    fp16 with head_dim 64 and GQA 3, block size 32, the token-packed path (short views), and
+    the KV/diff kernels."""
     from nanodance.attention_metadata import build_metadata
     from nanodance.kernels import triton_attention, triton_kv
     from nanodance.tools.synthetic import default_inv_freq
@@ -148,6 +149,8 @@ def representative_launches(quick: bool = False) -> list[Launch]:
     bf16 = torch.bfloat16
     attention("decode bf16 G4 D128", bf16, 32, 8, 128, 16, [(300, 1)] * 3)
     attention("prefill bf16 G4 D128 long", bf16, 32, 8, 128, 16, [(200, 200)])
+    attention("decode bf16 G4 D128 token-packed", bf16, 32, 8, 128, 16, [(300, 1)] * 3, packed=True)
+    attention("prefill bf16 G4 D128 token-packed", bf16, 32, 8, 128, 16, [(200, 200)], packed=True)
     if not quick:
         attention("decode split bf16", bf16, 32, 8, 128, 16, [(3000, 1)], num_splits=4)
         attention("prefill bf16 G1 short", bf16, 8, 8, 128, 16, [(40, 40), (30, 1)])
@@ -156,6 +159,11 @@ def representative_launches(quick: bool = False) -> list[Launch]:
         attention("decode fp32", torch.float32, 16, 4, 128, 16, [(100, 1)] * 2)
         attention("prefill fp32", torch.float32, 16, 4, 128, 16, [(100, 100)])
         attention("decode bf16 G8 D96", bf16, 64, 8, 96, 16, [(100, 1)] * 2)
+        attention("decode split bf16 token-packed", bf16, 32, 8, 128, 16, [(3000, 1)], num_splits=4, packed=True)
+        attention("decode fp32 token-packed", torch.float32, 16, 4, 128, 16, [(100, 1)] * 2, packed=True)
+        attention("prefill fp32 token-packed", torch.float32, 16, 4, 128, 16, [(100, 100)], packed=True)
+        attention("prefill fp16 G3 D64 P32 token-packed", torch.float16, 9, 3, 64, 32, [(100, 100)],
+                  packed=True)
     k = torch.zeros(40, 8, 128, dtype=bf16)
     cache = torch.zeros(8, 16, 8, 128, dtype=bf16)
     slots = torch.arange(40)
@@ -174,7 +182,8 @@ def representative_launches(quick: bool = False) -> list[Launch]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, action="append", help="SM version, e.g. 90 (H100), 80 (A100)")
-    parser.add_argument("--quick", action="store_true", help="only decode and long prefill, and the KV kernels")
+    parser.add_argument("--quick", action="store_true",
+                        help="only decode and long prefill (both paths), and the KV kernels")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check needs the real compiler: unset TRITON_INTERPRET (or set it to 0).")

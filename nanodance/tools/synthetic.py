@@ -3,6 +3,9 @@
 Owns (metadata itself comes from `attention_metadata.build_metadata`, as in the engine):
     random_views(rng, kv_len, block_size, next_block, ...) -> list of views covering
         positions [start, start + kv_len), with optional lo > 0, partial hi and per-segment deltas.
+    short_views(rng, kv_len, alloc, ...) -> views of 1..max_len tokens each with its own delta,
+        as packed diffs make them; `SlotPacker(block_size, first_block)` is an `alloc` that
+        packs them densely into the next free slots of consecutive blocks.
     fill_cache(num_blocks, block_size, heads, dim, views, dtype, device, generator, poison)
         -> K or V cache [num_blocks, block_size, heads, dim] whose view slots hold N(0, 1) values
         and every other slot NaN (when poison), so a kernel reading outside its views fails.
@@ -49,6 +52,43 @@ def random_views(rng: random.Random, kv_len: int, block_size: int, next_block, *
         pos += n
         left_in_segment -= 1
     return out
+
+
+class SlotPacker:
+    """Hands out runs of consecutive slots, densely, in blocks first_block, first_block + 1, ...
+    (a run never straddles two blocks): `packer(n) -> (block, lo)`. `num_blocks` is one past
+    the last block used."""
+
+    def __init__(self, block_size: int, first_block: int = 1):
+        self.block_size = block_size
+        self.block = first_block
+        self.free = 0
+
+    def __call__(self, n: int) -> tuple[int, int]:
+        if self.free + n > self.block_size:
+            self.block, self.free = self.block + 1, 0
+        self.free += n
+        return self.block, self.free - n
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block + 1
+
+
+def short_views(rng: random.Random, kv_len: int, alloc, *, start: int = 0, max_len: int = 4,
+                p_zero: float = 0.1, max_delta: int = 3000) -> list[View]:
+    """Views covering [start, start + kv_len) in runs of 1..max_len tokens, each in the slots
+    `alloc(n) -> (block, lo)` gives it and with its own delta (0 with chance `p_zero`, else
+    uniform in [-max_delta, max_delta]): an agent reading recomputed tokens from packed diffs."""
+    views: list[View] = []
+    pos, end = start, start + kv_len
+    while pos < end:
+        n = min(rng.randint(1, max_len), end - pos)
+        block, lo = alloc(n)
+        delta = 0 if rng.random() < p_zero else rng.randint(-max_delta, max_delta)
+        views.append((block, lo, lo + n, pos, delta))
+        pos += n
+    return views
 
 
 def fill_cache(num_blocks: int, block_size: int, heads: int, dim: int, views: list[list[View]],
