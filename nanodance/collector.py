@@ -25,8 +25,8 @@ reference agents are exact. Segments no reference holds fall back to the "auto" 
 The recompute choice is made once per segment (collective) in one reference context, or per
 agent (`selection="per_agent"`, and always for `pic`), by one of the schemes:
 - "block": the segment's first chunk, then the chunks (segment-relative runs of
-  `recompute_chunk` tokens, a KV block's worth unless set) with the largest key deviation at
-  the check layer, until `ratio` of it is chosen;
+  `cfg.chunk_for(length)` tokens: a KV block's worth, or `recompute_chunk` for long segments)
+  with the largest key deviation at the check layer, until `ratio` of it is chosen;
 - "first": the first ceil(ratio * len) tokens of the segment (EPIC's LegoLink; no scoring);
 - "token": the first token, then the tokens with the largest deviation (CacheBlend); each chosen
   token takes one packed slot of the agent's diff blocks.
@@ -341,7 +341,8 @@ class Collector:
         """Recomputed offsets per (agent, span index): once per segment, or per agent."""
         cfg, bs = self.cfg, self.block_size
         if not needs_scoring(cfg):
-            return {(a, i): select_offsets(s.length, cfg.recompute_ratio, cfg.recompute_scheme, cfg.chunk_tokens, None)
+            return {(a, i): select_offsets(s.length, cfg.recompute_ratio, cfg.recompute_scheme,
+                                           cfg.chunk_for(s.length), None)
                     for a, spans in enumerate(spans_per_agent) for i, s in enumerate(spans)}
         # Reference agents read no master (their carrier is exact) and would score agent masters
         # at zero deviation: they are never scored, and need no choice.
@@ -376,7 +377,7 @@ class Collector:
                 dev[:len(found[(a, i)])] = found[(a, i)]
             self.counters.scored_segments += 1
             chosen_by_pair[(a, i)] = select_offsets(span.length, cfg.recompute_ratio, cfg.recompute_scheme,
-                                                    cfg.chunk_tokens, dev)
+                                                    cfg.chunk_for(span.length), dev)
         out.update({(a, i): chosen_by_pair[(a, i) if cfg.per_agent_selection else scored[s.key]]
                     for a, spans in enumerate(spans_per_agent) if a not in refs for i, s in enumerate(spans)})
         return out

@@ -42,10 +42,11 @@ class EngineConfig:
     seed: int = 0  # the engine's sampling generator (a request's own `seed` overrides it)
     recompute_ratio: float = 0.05  # share of each shared block recomputed in each agent's context
     recompute_scheme: str = "block"  # "block" | "first" | "token"
-    recompute_chunk: int | None = None  # "block": its unit in tokens; None: block_size (packed diffs need no whole blocks)
+    recompute_chunk: int | None = None  # "block": its unit in tokens for long shared blocks; None: block_size
     master: str = "agent"  # "producer" (last round's decode KV) | "standalone" (prefilled alone) | "auto"
     #                       | "agent" (cut from reference agents' exact prompts; the rest as "auto")
-    auto_standalone_tokens: int = 64  # "auto" (and "agent"'s fallback): blocks this long or longer get standalone masters
+    auto_standalone_tokens: int = 64  # shared blocks this long or longer are "long": standalone masters under "auto"
+    #                                   (and "agent"'s fallback), and `recompute_chunk`-token chunks
     reference_min_new: float = 0.5  # "agent": a reference must bring masters for this share of its shared tokens
     master_sink: bool = True  # prefill standalone masters behind a bos sink token
     check_layer: int = 1  # layer whose key deviation picks the recomputed blocks
@@ -120,12 +121,20 @@ class EngineConfig:
         """Prompts are searched for recent outputs (auto_shared.py), which then count as `Shared`."""
         return self.uses_collector and self.auto_shared
 
-    @property
-    def chunk_tokens(self) -> int:
-        """The "block" scheme's unit: it recomputes a segment's first chunk of this many tokens,
-        then its most deviating chunks. Packed diffs store any run of recomputed tokens densely,
-        so the unit is free to be shorter than a KV block."""
-        return self.recompute_chunk or self.block_size
+    def chunk_for(self, length: int) -> int:
+        """The "block" scheme's unit for a shared block of `length` tokens: it recomputes the
+        block's first chunk of this many tokens, then its most deviating chunks.
+
+        A long block (`auto_standalone_tokens` or more) uses `recompute_chunk` tokens: packed
+        diffs store any run of recomputed tokens densely, so the unit is free to be shorter than
+        a KV block, and on long blocks the reuse error sits in the first few tokens. A shorter
+        block keeps whole-block chunks (its first block_size tokens at least, all of it when
+        shorter): measured on the default model (docs/results.md), a short block's error is
+        spread over all its tokens, and recomputing half of each 12-24-token block left 3-4x
+        the KL of recomputing its first block."""
+        if self.recompute_chunk is not None and length >= self.auto_standalone_tokens:
+            return self.recompute_chunk
+        return self.block_size
 
     @property
     def auto_shared_threshold(self) -> int:

@@ -8,7 +8,8 @@ Specification:
 - layout: an agent's private text and recomputed tokens share blocks whatever their positions:
   its private K/V takes ceil(private tokens / block_size) blocks, and the round's `stats` say
   so (diff tokens, diff blocks, how full they are, mirror compression per slot and per block);
-- the block scheme recomputes chunks of `recompute_chunk` tokens (a block's worth by default);
+- the block scheme recomputes chunks of `recompute_chunk` tokens in long shared blocks (a KV
+  block's worth by default, and always in short ones);
 - exactness: with `recompute_ratio=1.0` packed layouts give the tokens of `reuse="none"`
   (tests/test_rounds.py checks every scheme and master source).
 """
@@ -130,12 +131,14 @@ def test_recomputed_tokens_take_one_slot_each_and_the_stats_say_so(folder):
     llm.check_invariants()
 
 
-@pytest.mark.parametrize("chunk,recomputed", [(None, BLOCK), (2, 2), (1, 1)])
-def test_the_block_scheme_recomputes_chunks_of_recompute_chunk_tokens(folder, chunk, recomputed):
+@pytest.mark.parametrize("chunk,long_from,recomputed", [(None, 8, BLOCK), (2, 8, 2), (1, 8, 1), (1, 11, BLOCK)])
+def test_the_block_scheme_recomputes_chunks_of_recompute_chunk_tokens_in_long_blocks(folder, chunk, long_from,
+                                                                                     recomputed):
     """At a small ratio the block scheme recomputes the first chunk of each shared block: a KV
-    block's worth by default, `recompute_chunk` tokens when set (packing needs no whole block)."""
+    block's worth by default, `recompute_chunk` tokens when set and the block is long (at least
+    `auto_standalone_tokens`; packing needs no whole block). A shorter block keeps a whole block."""
     llm = LLM(folder, dtype="float32", device="cpu", block_size=BLOCK, kv_cache_blocks=64, recompute_ratio=0.05,
-              recompute_chunk=chunk, master="standalone", master_sink=False)
+              recompute_chunk=chunk, auto_standalone_tokens=long_from, master="standalone", master_sink=False)
     common = Shared(random_ids(10, seed=4))
     prompts = [[random_ids(2, seed=80 + i), common, random_ids(1, seed=90 + i)] for i in range(3)]
     st = llm.run_round(prompts, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False).stats
