@@ -416,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         resolved += ["--reference-min-new", str(args.reference_min_new)]
     if args.main_ratio is not None:
         resolved += ["--main-ratio", str(args.main_ratio)]
+    if args.recompute_chunk is not None:
+        resolved += ["--recompute-chunk", str(args.recompute_chunk)]
     command = "python bench/rounds.py " + shlex.join(resolved)
     meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "torch": torch.__version__,
             "python": platform.python_version(), "threads": threads, "cpu": cpu_model(), "cpu_count": os.cpu_count(),

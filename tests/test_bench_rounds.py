@@ -68,3 +68,14 @@ def test_rounds_sweep_smoke(default_model_dir, tmp_path, capsys):  # noqa: F811
             assert r["stats"]["prefill_tokens_recomputed"] > 0
         if r["params"]["reuse"] == "pic":
             assert r["stats"]["compression"] <= 1.0  # pic copies every shared token
+
+
+def test_rounds_recompute_chunk_is_named_and_reproducible(default_model_dir, tmp_path, capsys):  # noqa: F811
+    bench = load_script("bench/rounds.py")
+    out = tmp_path / "chunk.json"
+    assert bench.main(["--agents", "2", "--answer-tokens", "16", "--main", "none,tokendance:agent", "--main-ratio",
+                       "0.02", "--recompute-chunk", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "--main-ratio 0.02 --recompute-chunk 4" in printed  # the reproduce line
+    rows = [r["config"] for r in json.loads(out.read_text())["rows"]]
+    assert rows == ["none", "tokendance r=0.02 block chunk 4 agent"]
