@@ -102,7 +102,7 @@ def simulate(args, reuse: str) -> tuple[list[list[str]], list[dict], float]:
     """Run the town under one reuse mode: (log[hour][agent], per-round KV rows, wall seconds)."""
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, reuse=reuse, seed=args.seed, block_size=args.block_size,
-              recompute_scheme=args.recompute_scheme)
+              recompute_scheme=args.recompute_scheme, recompute_ratio=args.recompute_ratio)
     n = args.agents
     log = [[PERSONAS[i][6] for i in range(n)]]  # the first hour is written by us
     memories = [[PERSONAS[i][5], f"At {hour(-1)}: {PERSONAS[i][6]}"] for i in range(n)]
@@ -162,12 +162,15 @@ def parse_args(argv):
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per action (default 32)")
     # float32: on CPUs without native bf16 matmuls (AVX2) it is several times faster than bfloat16.
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    # Event lines are ~25 tokens, too short for 16-token blocks: the recomputed head of every shared
-    # block takes a private block per agent. So the town uses 8-token blocks and recomputes the
-    # first 15% of each shared block's tokens ("first"). Measured on 8 agents, 2 rounds: 16-token
-    # blocks held 1.02-1.18x more KV than prefix*, 8-token blocks with "first" 1.09-1.17x less.
+    # Event lines are ~25 tokens: the engine's default recomputes the first 16 tokens of a block
+    # that short, most of it. The town instead recomputes the first 5% of each event's tokens
+    # ("first", 2 tokens) on 8-token blocks, which holds 1.5x less KV than ideal prefix caching
+    # (docs/results.md, "The examples"). The price is fidelity: on the generative-agents preset,
+    # recomputing a few tokens of each short event gave 3-4x the KL of the default's 16.
     p.add_argument("--block-size", type=int, default=8, help="KV block size in tokens (default 8)")
     p.add_argument("--recompute-scheme", choices=("block", "first", "token"), default="first")
+    p.add_argument("--recompute-ratio", type=float, default=0.05,
+                   help="share of each shared event recomputed per agent (default 0.05)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples, seeded")
     p.add_argument("--seed", type=int, default=0, help="digest order and sampling seed")
     p.add_argument("--model", default=None, help="a Hugging Face folder (default: bundled SmolLM2-135M-Instruct)")
@@ -176,6 +179,8 @@ def parse_args(argv):
         p.error(f"--agents must be between 2 and {len(PERSONAS)}")
     if args.rounds < 1 or args.max_tokens < 1:
         p.error("--rounds and --max-tokens must be >= 1")
+    if not 0 <= args.recompute_ratio <= 1:
+        p.error("--recompute-ratio must be in [0, 1]")
     return args
 
 

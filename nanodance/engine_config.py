@@ -40,9 +40,9 @@ class EngineConfig:
     max_model_len: int | None = None  # longest sequence; None: the model's max_position_embeddings
     reuse: str = "tokendance"  # "none" | "prefix" | "pic" | "tokendance"
     seed: int = 0  # the engine's sampling generator (a request's own `seed` overrides it)
-    recompute_ratio: float = 0.05  # share of each shared block recomputed in each agent's context
+    recompute_ratio: float = 0.01  # share of each shared block recomputed in each agent's context
     recompute_scheme: str = "block"  # "block" | "first" | "token"
-    recompute_chunk: int | None = None  # "block": its unit in tokens for long shared blocks; None: block_size
+    recompute_chunk: int | None = 2  # "block": its unit in tokens for long shared blocks; None: block_size
     master: str = "agent"  # "producer" (last round's decode KV) | "standalone" (prefilled alone) | "auto"
     #                       | "agent" (cut from reference agents' exact prompts; the rest as "auto")
     auto_standalone_tokens: int = 64  # shared blocks this long or longer are "long": standalone masters under "auto"

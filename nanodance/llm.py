@@ -55,12 +55,12 @@ class LLM:
     reuse="tokendance"       "none" | "prefix" (vLLM-style prefix caching) | "pic" (per-request
                              position-independent reuse, CacheBlend-style) | "tokendance"
     seed=0                   the engine's sampling generator (a request's own `seed` overrides it)
-    recompute_ratio=0.05     share of each shared block each agent recomputes (1.0 is exact)
+    recompute_ratio=0.01     share of each shared block each agent recomputes (1.0 is exact)
     recompute_scheme="block" "block" (first chunk + most deviating chunks) | "first" (first
                              tokens, no scoring) | "token" (first token + most deviating tokens)
-    recompute_chunk=None     the "block" scheme's chunk in tokens for shared blocks of
+    recompute_chunk=2        the "block" scheme's chunk in tokens for shared blocks of
                              `auto_standalone_tokens` or more (None: block_size); shorter
-                             blocks recompute whole-block chunks
+                             blocks recompute whole-block chunks (their first block at least)
     master="agent"           where a shared block's K/V comes from: "producer" (the earlier
                              round's decode, no prefill), "standalone" (prefilled on its own;
                              better for long blocks of about 100 tokens or more), or "auto":
