@@ -112,18 +112,21 @@ class Config:
     scheme: str = "block"
     ratio: float = 0.15
     master: str = "producer"
-    chunk: int | None = None  # the block scheme's unit in tokens (None: the block size)
+    chunk: int | None = None  # the block scheme's unit in long blocks, in tokens (None: the engine's default)
+    short: float | None = None  # short_recompute_ratio (None: the engine's default)
 
     @property
     def label(self) -> str:
         if self.reuse in ("none", "prefix"):
             return self.reuse
-        default = (self.scheme, self.ratio, self.master, self.chunk) == ("block", 0.15, "producer", None)
+        default = (self.scheme, self.ratio, self.master, self.chunk, self.short) == ("block", 0.15, "producer", None,
+                                                                                      None)
         if default:
             return self.reuse
         name = f"{'td' if self.reuse == 'tokendance' else 'pic'} {self.scheme} {self.ratio:g}"
         name += "" if self.master == "producer" else f" {self.master}"
-        return name + ("" if self.chunk is None else f" chunk {self.chunk}")
+        name += "" if self.chunk is None else f" chunk {self.chunk}"
+        return name + ("" if self.short is None else f" short {self.short:g}")
 
     def engine_kwargs(self) -> dict:
         kw = {"reuse": self.reuse}
@@ -131,12 +134,14 @@ class Config:
             kw.update(recompute_ratio=self.ratio, recompute_scheme=self.scheme, master=self.master)
             if self.chunk is not None:
                 kw.update(recompute_chunk=self.chunk)
+            if self.short is not None:
+                kw.update(short_recompute_ratio=self.short)
         return kw
 
 
 def parse_config(text: str) -> Config:
-    """'none' | 'prefix' | 'pic|tokendance[:scheme[:ratio[:master[:chunk]]]]' (chunk: the block
-    scheme's unit in tokens)."""
+    """'none' | 'prefix' | 'pic|tokendance[:scheme[:ratio[:master[:chunk[:short]]]]]' (chunk: the
+    block scheme's unit in long blocks, in tokens; short: short_recompute_ratio)."""
     parts = text.strip().split(":")
     if parts[0] not in MODES:
         raise ValueError(f"config {text!r}: mode must be one of {MODES}")
@@ -145,10 +150,13 @@ def parse_config(text: str) -> Config:
     scheme = parts[1] if len(parts) > 1 and parts[1] else "block"
     ratio = float(parts[2]) if len(parts) > 2 else 0.15
     master = parts[3] if len(parts) > 3 else "producer"
-    chunk = int(parts[4]) if len(parts) > 4 else None
+    chunk = int(parts[4]) if len(parts) > 4 and parts[4] else None
     if chunk is not None and chunk < 1:
         raise ValueError(f"config {text!r}: chunk must be >= 1")
-    return Config(parts[0], scheme, ratio, master, chunk)
+    short = float(parts[5]) if len(parts) > 5 else None
+    if short is not None and not 0 <= short <= 1:
+        raise ValueError(f"config {text!r}: short must be in [0, 1]")
+    return Config(parts[0], scheme, ratio, master, chunk, short)
 
 
 # ---------------------------------------------------------------------- backends

@@ -24,9 +24,10 @@ reference agents are exact. Segments no reference holds fall back to the "auto" 
 
 The recompute choice is made once per segment (collective) in one reference context, or per
 agent (`selection="per_agent"`, and always for `pic`), by one of the schemes:
-- "block": the segment's first chunk, then the chunks (segment-relative runs of
-  `cfg.chunk_for(length)` tokens: a KV block's worth, or `recompute_chunk` for long segments)
-  with the largest key deviation at the check layer, until `ratio` of it is chosen;
+- "block": the segment's first chunk, then the chunks (segment-relative runs of tokens) with
+  the largest key deviation at the check layer, until `ratio` of it is chosen; ratio and chunk
+  depend on the segment's length (`EngineConfig.recompute_for`: a long segment's first tokens,
+  a short one's first block or its most deviating tokens);
 - "first": the first ceil(ratio * len) tokens of the segment (EPIC's LegoLink; no scoring);
 - "token": the first token, then the tokens with the largest deviation (CacheBlend); each chosen
   token takes one packed slot of the agent's diff blocks.
@@ -78,11 +79,11 @@ class CollectorCounters:
     reference_tokens: int = 0  # tokens run through `check_layer` layers for deviation scoring
     reference_token_layers: int = 0
     scored_segments: int = 0
-    outputs_released_unused: int = 0  # pinned outputs a round had no producer master to read from
+    outputs_released_unused: int = 0  # pinned outputs unpinned once a round's masters were in (none was one)
     seconds: float = 0.0  # collector time, master prefill excluded (the scheduler counts that)
 
 
-def select_offsets(length: int, ratio: float, scheme: str, chunk: int,
+def select_offsets(length: int, ratio: float, chunk: int, scheme: str,
                    deviation: torch.Tensor | None) -> list[int]:
     """Segment offsets to recompute, sorted. `chunk` is the "block" scheme's unit in tokens;
     `deviation` is fp32 [length] (not needed for "first")."""
@@ -341,8 +342,7 @@ class Collector:
         """Recomputed offsets per (agent, span index): once per segment, or per agent."""
         cfg, bs = self.cfg, self.block_size
         if not needs_scoring(cfg):
-            return {(a, i): select_offsets(s.length, cfg.recompute_ratio, cfg.recompute_scheme,
-                                           cfg.chunk_for(s.length), None)
+            return {(a, i): select_offsets(s.length, *cfg.recompute_for(s.length), cfg.recompute_scheme, None)
                     for a, spans in enumerate(spans_per_agent) for i, s in enumerate(spans)}
         # Reference agents read no master (their carrier is exact) and would score agent masters
         # at zero deviation: they are never scored, and need no choice.
@@ -376,8 +376,8 @@ class Collector:
             if (a, i) in found:
                 dev[:len(found[(a, i)])] = found[(a, i)]
             self.counters.scored_segments += 1
-            chosen_by_pair[(a, i)] = select_offsets(span.length, cfg.recompute_ratio, cfg.recompute_scheme,
-                                                    cfg.chunk_for(span.length), dev)
+            chosen_by_pair[(a, i)] = select_offsets(span.length, *cfg.recompute_for(span.length),
+                                                    cfg.recompute_scheme, dev)
         out.update({(a, i): chosen_by_pair[(a, i) if cfg.per_agent_selection else scored[s.key]]
                     for a, spans in enumerate(spans_per_agent) if a not in refs for i, s in enumerate(spans)})
         return out

@@ -43,6 +43,7 @@ class EngineConfig:
     recompute_ratio: float = 0.01  # share of each shared block recomputed in each agent's context
     recompute_scheme: str = "block"  # "block" | "first" | "token"
     recompute_chunk: int | None = 2  # "block": its unit in tokens for long shared blocks; None: block_size
+    short_recompute_ratio: float | None = 0.15  # shorter blocks: at least this share, token by token (recompute_for)
     master: str = "agent"  # "producer" (last round's decode KV) | "standalone" (prefilled alone) | "auto"
     #                       | "agent" (cut from reference agents' exact prompts; the rest as "auto")
     auto_standalone_tokens: int = 64  # shared blocks this long or longer are "long": standalone masters under "auto"
@@ -62,8 +63,8 @@ class EngineConfig:
     def validate(self) -> None:
         """Raise RequestError naming the first bad option; nothing has been built yet."""
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_blocks", "kv_cache_memory",
-                     "max_model_len", "recompute_chunk", "auto_standalone_tokens", "auto_shared_min_tokens", "auto_shared_outputs",
-                     "tensor_parallel_size"):
+                     "max_model_len", "recompute_chunk", "auto_standalone_tokens", "auto_shared_min_tokens",
+                     "auto_shared_outputs", "tensor_parallel_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise RequestError(f"{name} must be a positive int, got {value!r}")
@@ -71,8 +72,10 @@ class EngineConfig:
         _choice("recompute_scheme", self.recompute_scheme, SCHEMES)
         _choice("master", self.master, MASTER_SOURCES)
         _choice("selection", self.selection, SELECTIONS)
-        for name in ("recompute_ratio", "reference_min_new"):
+        for name in ("recompute_ratio", "reference_min_new", "short_recompute_ratio"):
             value = getattr(self, name)
+            if value is None and name == "short_recompute_ratio":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise RequestError(f"{name} must be in [0, 1], got {value!r}")
         if isinstance(self.check_layer, bool) or not isinstance(self.check_layer, int) or self.check_layer < 0:
@@ -121,20 +124,25 @@ class EngineConfig:
         """Prompts are searched for recent outputs (auto_shared.py), which then count as `Shared`."""
         return self.uses_collector and self.auto_shared
 
-    def chunk_for(self, length: int) -> int:
-        """The "block" scheme's unit for a shared block of `length` tokens: it recomputes the
-        block's first chunk of this many tokens, then its most deviating chunks.
+    def recompute_for(self, length: int) -> tuple[float, int]:
+        """(ratio, chunk) for a shared block of `length` tokens: the share of it recomputed, and
+        the "block" scheme's unit (it recomputes the first chunk, then the most deviating ones).
 
-        A long block (`auto_standalone_tokens` or more) uses `recompute_chunk` tokens: packed
-        diffs store any run of recomputed tokens densely, so the unit is free to be shorter than
-        a KV block, and on long blocks the reuse error sits in the first few tokens. A shorter
-        block keeps whole-block chunks (its first block_size tokens at least, all of it when
-        shorter): measured on the default model (docs/results.md), a short block's error is
-        spread over all its tokens, and recomputing half of each 12-24-token block left 3-4x
-        the KL of recomputing its first block."""
-        if self.recompute_chunk is not None and length >= self.auto_standalone_tokens:
-            return self.recompute_chunk
-        return self.block_size
+        A long block (`auto_standalone_tokens` or more) takes `recompute_ratio` in chunks of
+        `recompute_chunk` tokens: packed diffs store any run of recomputed tokens densely, so the
+        unit is free to be shorter than a KV block, and on long blocks the reuse error sits in
+        the first few tokens. A short block's error is spread over all its tokens (measured on
+        the default model, docs/results.md: recomputing the first 4 or 8 tokens of 12-24-token
+        blocks left 3-4x the KL of recomputing the first 16). So a short block takes whole-block
+        chunks, or, with `short_recompute_ratio`, at least that share of its tokens chosen one by
+        one (the first, then the most deviating). Ratios 0 (pure reuse) and 1 (exact) apply to
+        every block alike."""
+        ratio = self.recompute_ratio
+        if length >= self.auto_standalone_tokens:
+            return ratio, self.recompute_chunk or self.block_size
+        if self.short_recompute_ratio is not None and 0 < ratio < 1:
+            return max(ratio, self.short_recompute_ratio), 1
+        return ratio, self.block_size
 
     @property
     def auto_shared_threshold(self) -> int:

@@ -59,8 +59,11 @@ class LLM:
     recompute_scheme="block" "block" (first chunk + most deviating chunks) | "first" (first
                              tokens, no scoring) | "token" (first token + most deviating tokens)
     recompute_chunk=2        the "block" scheme's chunk in tokens for shared blocks of
-                             `auto_standalone_tokens` or more (None: block_size); shorter
-                             blocks recompute whole-block chunks (their first block at least)
+                             `auto_standalone_tokens` (64) or more (None: block_size)
+    short_recompute_ratio=0.15  a shorter shared block recomputes at least this share of its
+                             tokens, chosen one by one (the first, then the most deviating);
+                             None: `recompute_ratio` in whole-block chunks. Ratios 0 and 1
+                             apply to every block alike
     master="agent"           where a shared block's K/V comes from: "producer" (the earlier
                              round's decode, no prefill), "standalone" (prefilled on its own;
                              better for long blocks of about 100 tokens or more), or "auto":
@@ -303,12 +306,12 @@ class LLM:
         """Change reuse options between calls (e.g. a recompute-ratio sweep on one engine).
 
         Only what the collector reads may change (`recompute_ratio`, `recompute_scheme`,
-        `recompute_chunk`, `check_layer`, `selection`, `master_sink`, `auto_shared`, `auto_shared_min_tokens`, and
-        `reuse` between "pic" and "tokendance").
+        `recompute_chunk`, `short_recompute_ratio`, `check_layer`, `selection`, `master_sink`, `auto_shared`,
+        `auto_shared_min_tokens`, and `reuse` between "pic" and "tokendance").
         """
         self._check_idle()
-        allowed = {"recompute_ratio", "recompute_scheme", "recompute_chunk", "check_layer", "selection", "master_sink", "reuse",
-                   "auto_shared", "auto_shared_min_tokens"}
+        allowed = {"recompute_ratio", "recompute_scheme", "recompute_chunk", "short_recompute_ratio", "check_layer",
+                   "selection", "master_sink", "reuse", "auto_shared", "auto_shared_min_tokens"}
         fixed = sorted(set(options) - allowed)
         if fixed:
             raise RequestError(f"{fixed} cannot change after construction; only {sorted(allowed)} can")

@@ -213,7 +213,7 @@ def test_ref_counts_with_persistent_reference_agents_and_preemption(folder):
     assert all(out.stats["reference_agents"] for out in expected[1:])
     release_all(roomy)
 
-    tight = make_llm(folder, reuse="tokendance", master="agent", kv_cache_blocks=48)
+    tight = make_llm(folder, reuse="tokendance", master="agent", kv_cache_blocks=44)
     got = persistent_rounds(tight)
     assert tight.stats()["preemptions"] > 0, "the pool was meant to be tight enough to preempt"
     assert tokens(got) == tokens(expected)

@@ -8,8 +8,9 @@ Specification:
 - layout: an agent's private text and recomputed tokens share blocks whatever their positions:
   its private K/V takes ceil(private tokens / block_size) blocks, and the round's `stats` say
   so (diff tokens, diff blocks, how full they are, mirror compression per slot and per block);
-- the block scheme recomputes chunks of `recompute_chunk` tokens in long shared blocks (a KV
-  block's worth by default, and always in short ones);
+- the block scheme recomputes chunks of `recompute_chunk` tokens in long shared blocks; short
+  ones recompute whole-block chunks, or at least `short_recompute_ratio` of their tokens one by
+  one;
 - exactness: with `recompute_ratio=1.0` packed layouts give the tokens of `reuse="none"`
   (tests/test_rounds.py checks every scheme and master source).
 """
@@ -22,6 +23,7 @@ import torch
 
 from nanodance import LLM, SamplingParams, Shared
 from nanodance.attention_metadata import build_metadata
+from nanodance.engine_config import EngineConfig
 from nanodance.errors import RequestError
 from nanodance.kernels.torch_ref import paged_attention_torch, rope_cos_sin, rotate
 from nanodance.tools.synthetic import default_inv_freq
@@ -138,12 +140,39 @@ def test_the_block_scheme_recomputes_chunks_of_recompute_chunk_tokens_in_long_bl
     block's worth by default, `recompute_chunk` tokens when set and the block is long (at least
     `auto_standalone_tokens`; packing needs no whole block). A shorter block keeps a whole block."""
     llm = LLM(folder, dtype="float32", device="cpu", block_size=BLOCK, kv_cache_blocks=64, recompute_ratio=0.05,
-              recompute_chunk=chunk, auto_standalone_tokens=long_from, master="standalone", master_sink=False)
+              recompute_chunk=chunk, auto_standalone_tokens=long_from, short_recompute_ratio=None, master="standalone",
+              master_sink=False)
     common = Shared(random_ids(10, seed=4))
     prompts = [[random_ids(2, seed=80 + i), common, random_ids(1, seed=90 + i)] for i in range(3)]
     st = llm.run_round(prompts, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False).stats
     assert st["prefill_tokens_recomputed"] == 3 * recomputed
     assert st["diff_tokens"] == 3 * recomputed
+    llm.check_invariants()
+
+
+def test_recompute_ratio_and_chunk_follow_the_shared_block_length():
+    """Long blocks: recompute_ratio in recompute_chunk-token chunks. Short blocks: whole-block
+    chunks, or at least short_recompute_ratio token by token. Ratios 0 and 1 apply to all alike."""
+    cfg = EngineConfig(recompute_ratio=0.01, recompute_chunk=2, short_recompute_ratio=None)
+    assert cfg.recompute_for(64) == (0.01, 2) and cfg.recompute_for(300) == (0.01, 2)
+    assert cfg.recompute_for(63) == (0.01, 16) and cfg.recompute_for(5) == (0.01, 16)
+    short = cfg.with_options(short_recompute_ratio=0.3)
+    assert short.recompute_for(20) == (0.3, 1) and short.recompute_for(64) == (0.01, 2)
+    assert short.with_options(recompute_ratio=0.5).recompute_for(20) == (0.5, 1)  # a floor, not a cap
+    assert short.with_options(recompute_ratio=0.0).recompute_for(20) == (0.0, 16)  # pure reuse stays pure
+    assert short.with_options(recompute_ratio=1.0).recompute_for(20) == (1.0, 16)  # exact stays exact
+    assert EngineConfig(recompute_chunk=None).recompute_for(100)[1] == 16
+
+
+def test_short_blocks_recompute_their_most_deviating_tokens_one_by_one(folder):
+    """short_recompute_ratio=0.3 on a 10-token shared block: ceil(3) tokens, the first and the two
+    that deviate most, each in a packed slot."""
+    llm = LLM(folder, dtype="float32", device="cpu", block_size=BLOCK, kv_cache_blocks=64, recompute_ratio=0.05,
+              short_recompute_ratio=0.3, master="standalone", master_sink=False)
+    common = Shared(random_ids(10, seed=4))
+    prompts = [[random_ids(2, seed=80 + i), common, random_ids(1, seed=90 + i)] for i in range(3)]
+    st = llm.run_round(prompts, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False).stats
+    assert st["prefill_tokens_recomputed"] == st["diff_tokens"] == 3 * 3
     llm.check_invariants()
 
 

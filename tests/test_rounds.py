@@ -191,7 +191,7 @@ def test_persistent_agent_continuation_is_exact(folder, reuse):
 # --- 5. ref counts over rounds, persistent agents, preemption --------------------------------
 
 @pytest.mark.parametrize("reuse,kwargs,blocks,preempts", [
-    ("none", {}, 48, True), ("prefix", {}, 48, True), ("tokendance", {}, 48, True),
+    ("none", {}, 48, True), ("prefix", {}, 48, True), ("tokendance", {}, 44, True),
     ("tokendance", dict(master="standalone"), 60, False),
     ("tokendance", dict(recompute_scheme="token", recompute_ratio=0.3), 46, True),  # packed: no copies, less room
     ("pic", dict(recompute_ratio=0.3), 48, True),
