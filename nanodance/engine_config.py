@@ -40,7 +40,7 @@ class EngineConfig:
     max_model_len: int | None = None  # longest sequence; None: the model's max_position_embeddings
     reuse: str = "tokendance"  # "none" | "prefix" | "pic" | "tokendance"
     seed: int = 0  # the engine's sampling generator (a request's own `seed` overrides it)
-    recompute_ratio: float = 0.01  # share of each shared block recomputed in each agent's context
+    recompute_ratio: float = 0.01  # share of each long shared block recomputed per agent (0 and 1: of every block)
     recompute_scheme: str = "block"  # "block" | "first" | "token"
     recompute_chunk: int | None = 2  # "block": its unit in tokens for long shared blocks; None: block_size
     short_recompute_ratio: float | None = 0.15  # shorter blocks: at least this share, token by token (recompute_for)
